@@ -1,0 +1,186 @@
+"""The `segment-relay` command: serve, check-config, status, fake-infinario."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.config
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, StoreError
+from .store import Store
+
+log = logging.getLogger(__name__)
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """The one logging set-up: human-readable lines on stderr (stdout is for --dry-run)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"text": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "text",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {"aiohttp.access": {"level": "WARNING"}},
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segment-relay",
+        description="Segment's HTTP Tracking API in front of an Infinario-style customer data API.",
+    )
+    parser.add_argument("--version", action="version", version=f"segment-relay {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay")
+    serve.add_argument("-c", "--config", required=True, help="the YAML config file")
+    serve.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each command as a JSON line on stdout instead of sending it",
+    )
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True)
+
+    status = commands.add_parser("status", help="show the queue: depth, backoff, dead letters")
+    status.add_argument("-c", "--config", required=True)
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    fake = commands.add_parser(
+        "fake-infinario", help="run a fake Infinario API that prints what it receives"
+    )
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8089)
+    fake.add_argument("--token", default="TOKEN", help="the project token it accepts")
+    fake.add_argument("--token-field", default="project_id", choices=["project_id", "company_id"])
+    fake.add_argument("--api-key", default="KEY", help="the v2 API key it accepts")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.config.dictConfig(logging_config(args.log_level))
+    handler = {
+        "serve": _serve,
+        "check-config": _check_config,
+        "status": _status,
+        "fake-infinario": _fake,
+    }[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"segment-relay: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"segment-relay: queue error: {exc}", file=sys.stderr)
+        return EXIT_STORE
+
+
+def _summary(config: Config) -> str:
+    d = config.destination
+    return (
+        f"config OK: {len(config.sources)} source(s), "
+        f"listening on {config.server.host}:{config.server.port}, "
+        f"queue {config.queue.path}, destination {d.api} {d.base_url}, "
+        f"sessions {'on' if config.sessions.enabled else 'off'}"
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
+    config = load_config(args.config)
+    return asyncio.run(serve(config, dry_run=args.dry_run))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(_summary(config))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def read() -> dict[str, Any]:
+        store = await Store.open(config.queue.path, exclusive=False)
+        try:
+            now = time.time()
+            stats = await store.stats(now)
+        finally:
+            await store.close()
+        return {
+            "pending": stats.pending,
+            "in_backoff": stats.in_backoff,
+            "oldest_pending_age_s": None
+            if stats.oldest_received_at is None
+            else round(now - stats.oldest_received_at, 3),
+            "dead_letters": stats.dead_letters,
+            "counters": stats.counters,
+        }
+
+    report = asyncio.run(read())
+    if args.json:
+        print(orjson.dumps(report).decode())
+    else:
+        age = report["oldest_pending_age_s"]
+        print(f"queue {config.queue.path}")
+        print(f"  pending messages:   {report['pending']}")
+        print(f"  waiting to retry:   {report['in_backoff']}")
+        print(f"  oldest pending age: {'-' if age is None else f'{age:.1f}s'}")
+        dead = report["dead_letters"]
+        print(
+            f"  dead letters:       {sum(dead.values())}"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(dead.items()))})" if dead else "")
+        )
+    return 0
+
+
+def _fake(args: argparse.Namespace) -> int:
+    from .testing import FakeInfinario, run_fake
+
+    def show(command: dict[str, Any]) -> None:
+        print(orjson.dumps(command).decode(), flush=True)
+
+    fake = FakeInfinario(
+        token=args.token, token_field=args.token_field, api_key=args.api_key, on_command=show
+    )
+
+    def started(port: int) -> None:
+        print(
+            f"fake Infinario API listening on http://{args.host}:{port} "
+            f"(legacy: POST /bulk, v2: POST /track/v2/projects/{args.token}/batch)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_fake(args.host, args.port, fake, started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

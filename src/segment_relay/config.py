@@ -1,0 +1,360 @@
+"""YAML configuration -> frozen dataclasses, with errors that name the dotted key.
+
+Every section is a frozen dataclass whose fields carry a converter in their metadata; one
+generic builder walks them, so a new key is one line here and one documented line in
+`config.example.yaml`. Durations are stored in seconds in attributes ending in `_s`, while the
+YAML keys stay as users write them (`linger: 200ms`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+Converter = Callable[[Any, str], Any]
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Parse `250ms`, `10s`, `30m`, `24h`, `7d` or a bare number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"{key}: must be a duration like 250ms, 10s, 30m, 24h or 7d, got {value!r}"
+        )
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    else:
+        raise ConfigError(
+            f"{key}: must be a duration like 250ms, 10s, 30m, 24h or 7d, got {_describe(value)}"
+        )
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
+# --- converters: each takes (raw value, dotted key) and returns the typed value ----------------
+
+
+def _str(*, nonempty: bool = False) -> Converter:
+    def conv(value: Any, key: str) -> str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {_describe(value)}")
+        if nonempty and not value.strip():
+            raise ConfigError(f"{key}: must not be empty")
+        return value
+
+    return conv
+
+
+def _int(lo: int, hi: int) -> Converter:
+    def conv(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {_describe(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: must be {lo}..{hi}, got {value}")
+        return value
+
+    return conv
+
+
+def _float(lo: float, hi: float) -> Converter:
+    def conv(value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {_describe(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: must be {lo:g}..{hi:g}, got {value}")
+        return float(value)
+
+    return conv
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {_describe(value)}")
+    return value
+
+
+def _choice(*options: str) -> Converter:
+    def conv(value: Any, key: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return conv
+
+
+def _duration(lo: float, hi: float) -> Converter:
+    def conv(value: Any, key: str) -> float:
+        seconds = parse_duration(value, key)
+        if not lo <= seconds <= hi:
+            raise ConfigError(f"{key}: must be between {lo:g}s and {hi:g}s, got {value!r}")
+        return seconds
+
+    return conv
+
+
+def _url(value: Any, key: str) -> str:
+    text: str = _str(nonempty=True)(value, key)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, got {text!r}")
+    return text.rstrip("/")
+
+
+def _str_list(*, nonempty: bool = False) -> Converter:
+    def conv(value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list of strings, got {_describe(value)}")
+        items = tuple(_str(nonempty=True)(item, f"{key}[{i}]") for i, item in enumerate(value))
+        if nonempty and not items:
+            raise ConfigError(f"{key}: must not be empty")
+        return items
+
+    return conv
+
+
+def _section(cls: type[T]) -> Converter:
+    def conv(value: Any, key: str) -> T:
+        return build(cls, value, key)
+
+    return conv
+
+
+def _opt(conv: Converter, default: Any, yaml_key: str | None = None) -> Any:
+    """A config field: its converter, its default and the YAML key when it differs."""
+    meta = {"conv": conv, "key": yaml_key}
+    if isinstance(default, list | dict):
+        raise TypeError("use a tuple or a default_factory for mutable defaults")
+    return field(default=default, metadata=meta)
+
+
+def _sub(cls: type[T]) -> Any:
+    return field(default_factory=cls, metadata={"conv": _section(cls), "key": None})
+
+
+def build(cls: type[T], raw: Any, path: str) -> T:
+    """Build the frozen dataclass `cls` from the YAML mapping `raw` found at `path`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path or 'the config'}: must be a mapping, got {_describe(raw)}")
+    by_key = {f.metadata.get("key") or f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in by_key:
+            known = ", ".join(sorted(by_key))
+            raise ConfigError(f"{_join(path, str(key))}: unknown key (known keys: {known})")
+    values: dict[str, Any] = {}
+    for key, f in by_key.items():
+        if key in raw:
+            values[f.name] = f.metadata["conv"](raw[key], _join(path, key))
+    return cls(**values)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the Segment-compatible receiver listens and what it accepts."""
+
+    host: str = _opt(_str(nonempty=True), "127.0.0.1")
+    port: int = _opt(_int(0, 65535), 8088)
+    max_message_bytes: int = _opt(_int(1024, 16 * 1024 * 1024), 32 * 1024)
+    max_request_bytes: int = _opt(_int(1024, 64 * 1024 * 1024), 512_000)
+    max_batch_messages: int = _opt(_int(1, 100_000), 2500)
+    cors_origins: tuple[str, ...] = _opt(_str_list(), ("*",))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One sending application, identified by its Segment write key."""
+
+    name: str = _opt(_str(nonempty=True), "")
+    write_key: str = _opt(_str(nonempty=True), "")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The durable SQLite queue."""
+
+    path: str = _opt(_str(nonempty=True), "./relay-data/queue.db")
+    synchronous: str = _opt(_choice("full", "normal"), "full")
+    dedup_window_s: float = _opt(_duration(0, 30 * 86400), 86400.0, "dedup_window")
+    max_pending: int = _opt(_int(1, 10**10), 10_000_000)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Two levels of retry: quick in-process attempts, then durable backoff in the queue."""
+
+    quick_attempts: int = _opt(_int(1, 20), 3)
+    quick_initial_s: float = _opt(_duration(0, 60), 0.2, "quick_initial")
+    quick_max_s: float = _opt(_duration(0, 300), 2.0, "quick_max")
+    backoff_initial_s: float = _opt(_duration(0, 3600), 5.0, "backoff_initial")
+    backoff_max_s: float = _opt(_duration(0, 86400), 600.0, "backoff_max")
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """The Infinario-style API the forwarder sends to."""
+
+    api: str = _opt(_choice("infinario", "exponea"), "infinario")
+    base_url: str = _opt(_url, "https://api.infinario.com")
+    project_token: str = _opt(_str(), "")
+    token_field: str = _opt(_choice("project_id", "company_id"), "project_id")
+    api_key: str = _opt(_str(), "")
+    api_secret: str = _opt(_str(), "")
+    batch_size: int = _opt(_int(1, 50), 50)
+    linger_s: float = _opt(_duration(0, 60), 0.2, "linger")
+    timeout_s: float = _opt(_duration(0.001, 600), 10.0, "timeout")
+    concurrency: int = _opt(_int(1, 64), 4)
+    max_requests_per_second: float = _opt(_float(0.01, 10_000), 80.0)
+    max_age_s: float = _opt(_duration(60, 365 * 86400), 7 * 86400.0, "max_age")
+    retry: RetryConfig = _sub(RetryConfig)
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    """The idle-session timer."""
+
+    enabled: bool = _opt(_bool, True)
+    idle_timeout_s: float = _opt(_duration(1, 7 * 86400), 1800.0, "idle_timeout")
+    event_types: tuple[str, ...] = _opt(_str_list(nonempty=True), ("page", "screen"))
+
+
+DEFAULT_CONTEXT_FIELDS = (
+    "ip",
+    "locale",
+    "timezone",
+    "userAgent",
+    "app",
+    "campaign",
+    "device",
+    "library",
+    "location",
+    "network",
+    "os",
+    "page",
+    "referrer",
+    "screen",
+)
+
+
+@dataclass(frozen=True)
+class MappingConfig:
+    """How Segment messages become Infinario commands."""
+
+    registered_id: str = _opt(_str(nonempty=True), "registered")
+    cookie_id: str = _opt(_str(nonempty=True), "cookie")
+    context_fields: tuple[str, ...] = _opt(_str_list(), DEFAULT_CONTEXT_FIELDS)
+
+
+def _sources(value: Any, key: str) -> tuple[SourceConfig, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: must be a non-empty list of {{name, write_key}}")
+    sources = tuple(build(SourceConfig, item, f"{key}[{i}]") for i, item in enumerate(value))
+    for i, source in enumerate(sources):
+        for attr in ("name", "write_key"):
+            if not getattr(source, attr):
+                raise ConfigError(f"{key}[{i}].{attr}: required")
+    names = [s.name for s in sources]
+    keys = [s.write_key for s in sources]
+    for i, source in enumerate(sources):
+        if names.index(source.name) != i:
+            raise ConfigError(f"{key}[{i}].name: duplicate source name {source.name!r}")
+        if keys.index(source.write_key) != i:
+            raise ConfigError(f"{key}[{i}].write_key: the same write key is used twice")
+    return sources
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole relay configuration."""
+
+    sources: tuple[SourceConfig, ...] = field(metadata={"conv": _sources, "key": None})
+    server: ServerConfig = _sub(ServerConfig)
+    queue: QueueConfig = _sub(QueueConfig)
+    destination: DestinationConfig = _sub(DestinationConfig)
+    sessions: SessionsConfig = _sub(SessionsConfig)
+    mapping: MappingConfig = _sub(MappingConfig)
+
+    def check_destination(self) -> None:
+        """Raise ConfigError unless the destination has the credentials its API style needs."""
+        dest = self.destination
+        if not dest.project_token:
+            raise ConfigError(
+                "destination.project_token: required to forward (set it, or run with --dry-run)"
+            )
+        if dest.api == "exponea" and not dest.api_key:
+            raise ConfigError("destination.api_key: required when destination.api is exponea")
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def expand_env(value: Any, path: str, environ: Mapping[str, str]) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, _join(path, str(k)), environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]", environ) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set (and has no default)")
+
+    return _ENV_REF.sub(replace, value)
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate YAML text; raise ConfigError naming the first bad key."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping of sections")
+    if "sources" not in raw:
+        raise ConfigError("sources: required (a list of {name, write_key})")
+    raw = expand_env(raw, "", os.environ if environ is None else environ)
+    return build(Config, raw, "")
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML config file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
+    return parse_config(text, environ)

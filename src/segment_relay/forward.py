@@ -1,0 +1,378 @@
+"""The forwarder: claim -> map -> batch -> send -> ack / retry / dead-letter.
+
+Up to `destination.concurrency` batches are in flight, each holding a disjoint set of users, so
+a user's messages leave in acceptance order. The outcome of every send is written in a task
+awaited through `asyncio.shield`, so cancellation (SIGTERM) cannot lose an ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TextIO
+
+import aiohttp
+import orjson
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .batching import durable_delay, select_batch
+from .config import DestinationConfig
+from .errors import MappingError, PermanentSendError, TransientSendError
+from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, cut
+from .mapping import Command, MappingSettings, map_message
+from .metrics import Metrics
+from .store import Failure, QueuedMessage, Store
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], float]
+# A per-command `retry` is sent again soon, without counting an attempt.
+COMMAND_RETRY_DELAY_S = 1.0
+CREDENTIALS_PROBE_S = 30.0
+
+
+class Sender(Protocol):
+    """Sends one batch of commands; returns one result per command or raises a SendError."""
+
+    async def send(self, commands: Sequence[Command]) -> list[CommandResult]: ...
+
+
+class HttpSender:
+    """Sends batches to the configured Infinario-style API over HTTP."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        style: ApiStyle,
+        config: DestinationConfig,
+        metrics: Metrics,
+        clock: Clock = time.time,
+    ) -> None:
+        self.session = session
+        self.style = style
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.metrics = metrics
+        self.clock = clock
+
+    async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
+        request = self.style.request(commands)
+        started = time.perf_counter()
+        try:
+            async with self.session.post(
+                request.url, data=request.body, headers=request.headers, timeout=self.timeout
+            ) as response:
+                body = await response.read()
+                status, headers = response.status, response.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientSendError(
+                f"cannot reach the destination: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self.metrics.send_seconds.observe(time.perf_counter() - started)
+        return self.style.outcomes(status, headers, body, len(commands), self.clock())
+
+
+class DryRunSender:
+    """Prints each command it would send as one JSON line, and reports it accepted."""
+
+    def __init__(self, style: ApiStyle, out: TextIO | None = None) -> None:
+        self.style = style
+        self.out = out or sys.stdout
+
+    async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
+        for command in commands:
+            self.out.write(orjson.dumps(self.style.render(command)).decode() + "\n")
+        self.out.flush()
+        return [CommandResult(Outcome.OK) for _ in commands]
+
+
+@dataclass
+class ForwarderState:
+    """What /ready and the watchdog read about the forwarder."""
+
+    credentials_error: str | None = None
+    paused_until: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TransientSendError) and exc.retry_after_s is None
+
+
+class Forwarder:
+    """Moves messages from the queue to the destination until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        config: DestinationConfig,
+        mapping: MappingSettings,
+        metrics: Metrics,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.sender = sender
+        self.config = config
+        self.mapping = mapping
+        self.metrics = metrics
+        self.clock = clock
+        self.state = ForwarderState()
+        self._busy_users: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._next_send_at = 0.0
+        self._crashed: BaseException | None = None
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Forward until `stop` is set, then wait for the batches in flight."""
+        try:
+            while not stop.is_set():
+                wait_s = await self.dispatch()
+                await self._wait(stop, wait_s)
+        finally:
+            await self.finish()
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Forward until nothing is due and nothing is in flight (tests and --once runs)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                wait_s = await self.dispatch()
+                if not self._tasks and not await self.store.due(self.clock(), (), 1):
+                    return
+                if self._tasks:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                elif wait_s is not None:
+                    await asyncio.sleep(min(wait_s, 0.05))
+
+    async def finish(self) -> None:
+        """Let the batches in flight finish and write their outcomes."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
+        """One wait for new work, a free slot, a timer or stop (style.md 8)."""
+        waiters = [
+            asyncio.ensure_future(e.wait()) for e in (stop, self.store.new_work, self._slot_free)
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self.store.new_work.clear()
+        self._slot_free.clear()
+
+    async def dispatch(self) -> float | None:
+        """Start as many batches as there are free slots; return how long to wait at most."""
+        if self._crashed is not None:
+            raise self._crashed
+        now = self.clock()
+        if now < self.state.paused_until:
+            return self.state.paused_until - now
+        while len(self._tasks) < self.config.concurrency:
+            rows = await self.store.due(now, self._busy_users, self.config.batch_size * 4)
+            rows = await self._expire(rows, now)
+            selection = select_batch(rows, self.config.batch_size, self.config.linger_s, now)
+            if not selection.batch:
+                if selection.wait_until is not None:
+                    return max(0.0, selection.wait_until - now)
+                return await self._idle_wait(now)
+            if now < self._next_send_at:
+                return self._next_send_at - now
+            self._next_send_at = (
+                max(self._next_send_at, now) + 1.0 / self.config.max_requests_per_second
+            )
+            self._start(selection.batch)
+        return None
+
+    async def _idle_wait(self, now: float) -> float | None:
+        next_retry = await self.store.next_retry_at()
+        return None if next_retry is None else max(0.0, next_retry - now)
+
+    async def _expire(self, rows: list[QueuedMessage], now: float) -> list[QueuedMessage]:
+        cutoff = now - self.config.max_age_s
+        old = [r for r in rows if r.received_at < cutoff]
+        if not old:
+            return rows
+        failure = Failure("expired", f"older than destination.max_age ({self.config.max_age_s:g}s)")
+        await self._write(dead=[(r, failure) for r in old], now=now)
+        expired = {r.seq for r in old}
+        return [r for r in rows if r.seq not in expired]
+
+    def _start(self, batch: list[QueuedMessage]) -> None:
+        users = {r.user_key for r in batch}
+        self._busy_users |= users
+        task = asyncio.create_task(self._forward(batch), name=f"forward-batch-{batch[0].seq}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._busy_users -= users
+            self._slot_free.set()
+            if not t.cancelled() and t.exception() is not None:
+                # A bug, not a send failure: stop forwarding (the supervisor exits non-zero)
+                # rather than loop on the same batch. Nothing is lost: it is still queued.
+                self._crashed = self._crashed or t.exception()
+
+        task.add_done_callback(done)
+
+    # --- one batch ------------------------------------------------------------------------------
+
+    async def _forward(self, batch: list[QueuedMessage]) -> None:
+        now = self.clock()
+        to_send: list[tuple[QueuedMessage, Command]] = []
+        skipped: list[int] = []
+        dead: list[tuple[QueuedMessage, Failure]] = []
+        for row in batch:
+            try:
+                command = map_message(orjson.loads(row.body), self.mapping)
+            except (MappingError, orjson.JSONDecodeError) as exc:
+                dead.append((row, Failure("mapping_error", str(exc))))
+                continue
+            if command is None:
+                self.metrics.messages_skipped.labels(row.type).inc()
+                skipped.append(row.seq)
+                continue
+            if command.dropped_keys:
+                self.metrics.dropped_keys.labels(command.event_type or "customer").inc(
+                    command.dropped_keys
+                )
+            to_send.append((row, command))
+        if skipped or dead:
+            await self._write(acked=skipped, dead=dead, now=now)
+        if to_send:
+            await self._send(to_send)
+        self.state.last_progress = time.monotonic()
+
+    async def _send(self, items: list[tuple[QueuedMessage, Command]]) -> None:
+        retry = self.config.retry
+        commands = [c for _, c in items]
+        self.metrics.batch_size.observe(len(commands))
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(retry.quick_attempts),
+                wait=wait_random_exponential(
+                    multiplier=retry.quick_initial_s, max=retry.quick_max_s
+                ),
+                retry=retry_if_exception(_transient),
+                reraise=True,
+            ):
+                with attempt:
+                    self.metrics.commands_sent.inc(len(commands))
+                    results = await self.sender.send(commands)
+        except TransientSendError as exc:
+            await self._backoff(items, exc)
+            return
+        except CredentialsError as exc:
+            await self._credentials_refused(items, exc)
+            return
+        except PermanentSendError as exc:
+            await self._split(items, exc)
+            return
+        self.state.credentials_error = None
+        await self._settle(items, results)
+
+    async def _settle(
+        self, items: list[tuple[QueuedMessage, Command]], results: list[CommandResult]
+    ) -> None:
+        now = self.clock()
+        acked: list[int] = []
+        retry: list[tuple[int, float, str, bool]] = []
+        dead: list[tuple[QueuedMessage, Failure]] = []
+        for (row, _), result in zip(items, results, strict=True):
+            if result.outcome is Outcome.OK:
+                acked.append(row.seq)
+            elif result.outcome is Outcome.RETRY:
+                retry.append(
+                    (row.seq, now + COMMAND_RETRY_DELAY_S, "destination asked to retry", False)
+                )
+            else:
+                detail = "; ".join(result.errors) or "refused by the destination"
+                dead.append((row, Failure("rejected", detail)))
+        self.metrics.commands_acked.inc(len(acked))
+        if retry:
+            self.metrics.commands_retried.labels("command_retry").inc(len(retry))
+        await self._write(acked=acked, retry=retry, dead=dead, now=now)
+        log.info(
+            "batch sent: %d acked, %d to retry, %d dead-lettered",
+            len(acked),
+            len(retry),
+            len(dead),
+            extra={"action": "batch_sent"},
+        )
+
+    async def _backoff(
+        self, items: list[tuple[QueuedMessage, Command]], exc: TransientSendError
+    ) -> None:
+        now = self.clock()
+        if exc.retry_after_s is not None:
+            # The limit is per client address: every lane waits, not only this batch.
+            self.state.paused_until = max(self.state.paused_until, now + exc.retry_after_s)
+        rows = [row for row, _ in items]
+        retry = []
+        for row in rows:
+            delay = durable_delay(row.attempts + 1, self.config.retry)
+            if exc.retry_after_s is not None:
+                delay = max(delay, exc.retry_after_s)
+            retry.append((row.seq, now + delay, cut(str(exc), 500), True))
+        self.metrics.commands_retried.labels("transient").inc(len(retry))
+        log.warning(
+            "batch of %d to be retried: %s", len(rows), exc, extra={"action": "batch_retry"}
+        )
+        await self._write(retry=retry, now=now)
+
+    async def _credentials_refused(
+        self, items: list[tuple[QueuedMessage, Command]], exc: CredentialsError
+    ) -> None:
+        now = self.clock()
+        self.state.credentials_error = str(exc)
+        self.state.paused_until = now + CREDENTIALS_PROBE_S
+        log.error("forwarding paused: %s", exc, extra={"action": "credentials_refused"})
+        retry = [
+            (row.seq, now + CREDENTIALS_PROBE_S, cut(str(exc), 500), False) for row, _ in items
+        ]
+        await self._write(retry=retry, now=now)
+
+    async def _split(
+        self, items: list[tuple[QueuedMessage, Command]], exc: PermanentSendError
+    ) -> None:
+        """A 4xx for the whole request: halve the batch until the bad commands stand alone."""
+        if len(items) == 1:
+            row, _ = items[0]
+            failure = Failure("refused", str(exc), exc.status, exc.body)
+            log.warning(
+                "message %s dead-lettered: %s", row.message_id, exc, extra={"action": "dead_letter"}
+            )
+            await self._write(dead=[(row, failure)], now=self.clock())
+            return
+        middle = len(items) // 2
+        await self._send(items[:middle])
+        await self._send(items[middle:])
+
+    async def _write(
+        self,
+        *,
+        acked: Sequence[int] = (),
+        retry: Sequence[tuple[int, float, str, bool]] = (),
+        dead: Sequence[tuple[QueuedMessage, Failure]] = (),
+        now: float,
+    ) -> None:
+        """Write outcomes so that cancellation cannot lose them (style.md 7)."""
+        for _, failure in dead:
+            self.metrics.commands_dead.labels(failure.reason).inc()
+        task = asyncio.ensure_future(
+            self.store.settle(acked=acked, retry=retry, dead=dead, now=now)
+        )
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await task
+            raise

@@ -1,0 +1,88 @@
+"""Every counter the relay keeps, in one place, as Prometheus metrics.
+
+Each app gets its own registry, so several relays (as in the tests) never share counts.
+Labels never carry a write key, token or user id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The relay's metrics, registered in their own CollectorRegistry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "segment_relay_requests",
+            "HTTP requests to the Segment API by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.messages_received = Counter(
+            "segment_relay_messages_received",
+            "Messages received by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
+        self.messages_stored = Counter(
+            "segment_relay_messages_stored", "Messages committed to the queue", registry=r
+        )
+        self.messages_duplicate = Counter(
+            "segment_relay_messages_duplicate",
+            "Messages answered 200 but not stored again (dedup)",
+            registry=r,
+        )
+        self.messages_rejected = Counter(
+            "segment_relay_messages_rejected",
+            "Messages refused at ingest by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.commands_sent = Counter(
+            "segment_relay_commands_sent", "Commands sent to the destination", registry=r
+        )
+        self.commands_acked = Counter(
+            "segment_relay_commands_acked", "Commands the destination accepted", registry=r
+        )
+        self.commands_retried = Counter(
+            "segment_relay_commands_retried",
+            "Commands scheduled to be sent again, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.commands_dead = Counter(
+            "segment_relay_commands_dead_lettered",
+            "Messages moved to the dead-letter table by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_skipped = Counter(
+            "segment_relay_messages_skipped",
+            "Messages the mapping skips by design, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped_keys = Counter(
+            "segment_relay_dropped_property_keys",
+            "Property keys left out over the 255-key limit, by event type (customer for updates)",
+            ["event_type"],
+            registry=r,
+        )
+        self.send_seconds = Histogram(
+            "segment_relay_send_seconds",
+            "Latency of requests to the destination",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_size = Histogram(
+            "segment_relay_batch_size",
+            "Commands per request to the destination",
+            registry=r,
+            buckets=(1, 2, 5, 10, 20, 30, 40, 50),
+        )
+        self.queue_depth = Gauge(
+            "segment_relay_queue_depth", "Messages waiting in the queue", registry=r
+        )

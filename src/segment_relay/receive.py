@@ -1,0 +1,335 @@
+"""aiohttp handlers for Segment's HTTP Tracking API (design.md section 2).
+
+Every accepted call is committed to the queue before the 200 goes out. Every error is JSON
+`{"success": false, "code", "message", "error"}`; capacity problems are 503 with Retry-After,
+never 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config, SourceConfig
+from .errors import StoreError, StoreFullError
+from .metrics import Metrics
+from .segment import (
+    PATH_TYPES,
+    BatchEnvelope,
+    InvalidMessageError,
+    enrich,
+    parse_time,
+    user_key,
+    validate,
+)
+from .store import NewMessage, Store
+
+log = logging.getLogger(__name__)
+
+BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/import", "/v1/import/")
+RETRY_AFTER_S = 5
+NO_KEY = "no known write key for this message"
+Clock = Callable[[], float]
+
+
+class ApiError(Exception):
+    """An answer other than 200, as the JSON error body Segment's clients read."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        body = {"success": False, "code": self.code, "message": self.message, "error": self.message}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+SUCCESS = orjson.dumps({"success": True})
+
+
+@dataclass
+class Receiver:
+    """The Segment API handlers, bound to one config, store and clock."""
+
+    config: Config
+    metrics: Metrics
+    clock: Clock = time.time
+    # Attached when the store opens (at app start-up, after the routes are frozen).
+    store: Store = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._sources = self.config.sources
+
+    # --- routes ---------------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        """Register the Segment endpoints, their browser short forms and CORS preflight."""
+        for name, kind in PATH_TYPES.items():
+            app.router.add_post(f"/v1/{name}", self._single(kind))
+            app.router.add_route("OPTIONS", f"/v1/{name}", self.preflight)
+        for path in BATCH_PATHS:
+            app.router.add_post(path, self._endpoint(path, self.batch))
+            app.router.add_route("OPTIONS", path, self.preflight)
+
+    def _single(self, kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.single(request, kind)
+
+        return self._endpoint(kind, handle)
+
+    def _endpoint(
+        self, label: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        endpoint = label.removeprefix("/v1/").rstrip("/") or label
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                response = exc.response()
+            self.metrics.requests.labels(endpoint, str(response.status)).inc()
+            self._cors(request, response)
+            return response
+
+        return handle
+
+    # --- CORS -----------------------------------------------------------------------------------
+
+    def _allowed_origin(self, origin: str | None) -> str | None:
+        origins = self.config.server.cors_origins
+        if "*" in origins:
+            return origin or "*"
+        return origin if origin in origins else None
+
+    def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        allowed = self._allowed_origin(request.headers.get("Origin"))
+        if allowed is None:
+            return
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        if allowed != "*":
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
+
+    async def preflight(self, request: web.Request) -> web.StreamResponse:
+        """Answer a CORS preflight; 403 for an origin that is not configured."""
+        if (
+            request.headers.get("Origin")
+            and self._allowed_origin(request.headers["Origin"]) is None
+        ):
+            return ApiError(
+                403, "origin_not_allowed", "this origin is not in server.cors_origins"
+            ).response()
+        response = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = (
+            "Content-Type, Authorization, X-Retry-Count"
+        )
+        response.headers["Access-Control-Max-Age"] = "86400"
+        self._cors(request, response)
+        return response
+
+    # --- reading and authenticating -------------------------------------------------------------
+
+    async def _read_json(self, request: web.Request, limit: int) -> Any:
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "request_too_large", f"the request body is over {limit} bytes")
+        # aiohttp inflates a gzip body as it streams in, so the limit bounds the inflated bytes
+        # and a gzip bomb stops here instead of being inflated whole.
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await _read_chunk(request):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413, "request_too_large", f"the (inflated) request body is over {limit} bytes"
+                )
+            chunks.append(chunk)
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                400, "invalid_json", f"the request body is not valid JSON: {exc}"
+            ) from exc
+
+    def source_for(self, key: Any) -> SourceConfig | None:
+        """The source whose write key is `key`, compared in constant time."""
+        if not isinstance(key, str) or not key:
+            return None
+        found = None
+        given = key.encode()
+        for source in self._sources:
+            if hmac.compare_digest(given, source.write_key.encode()):
+                found = source
+        return found
+
+    @staticmethod
+    def _basic_key(request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic" or not value:
+            return None
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[0] or None
+
+    def _request_source(self, request: web.Request, body: dict[str, Any]) -> SourceConfig | None:
+        """The source named by the request (Basic auth, else `writeKey` in the body)."""
+        key = self._basic_key(request) or body.get("writeKey")
+        if key is None:
+            return None
+        source = self.source_for(key)
+        if source is None:
+            raise ApiError(401, "invalid_write_key", "the write key is not known to this relay")
+        return source
+
+    # --- handlers -------------------------------------------------------------------------------
+
+    async def single(self, request: web.Request, kind: str) -> web.StreamResponse:
+        """One call on /v1/<type>: refused whole (4xx) or stored whole (200)."""
+        server = self.config.server
+        body = await self._read_json(
+            request, min(server.max_message_bytes, server.max_request_bytes)
+        )
+        self.metrics.messages_received.labels(kind).inc()
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_message", "the request body must be a JSON object")
+        source = self._request_source(request, body)
+        if source is None:
+            raise ApiError(
+                401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
+            )
+        try:
+            message = self._accept(body, kind, BatchEnvelope(), source)
+        except InvalidMessageError as exc:
+            self.metrics.messages_rejected.labels("invalid").inc()
+            raise ApiError(400, "invalid_message", str(exc)) from exc
+        await self._store([message])
+        return web.Response(body=SUCCESS, content_type="application/json")
+
+    async def batch(self, request: web.Request) -> web.StreamResponse:
+        """A batch: valid messages are stored, invalid ones counted and logged."""
+        server = self.config.server
+        body = await self._read_json(request, server.max_request_bytes)
+        if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
+            raise ApiError(400, "invalid_batch", 'the body must be an object with a "batch" list')
+        items: list[Any] = body["batch"]
+        self.metrics.messages_received.labels("batch").inc(len(items))
+        if len(items) > server.max_batch_messages:
+            raise ApiError(
+                400,
+                "too_many_messages",
+                f"the batch has {len(items)} messages; "
+                f"at most {server.max_batch_messages} are accepted",
+            )
+        request_source = self._request_source(request, body)
+        envelope = _envelope(body)
+        accepted: list[NewMessage] = []
+        problems: list[str] = []
+        for index, item in enumerate(items):
+            source = request_source
+            if source is None and isinstance(item, dict):
+                source = self.source_for(item.get("writeKey"))
+            if source is None:
+                problems.append(f"batch[{index}]: {NO_KEY}")
+                continue
+            try:
+                accepted.append(self._accept(item, None, envelope, source))
+            except InvalidMessageError as exc:
+                problems.append(f"batch[{index}]: {exc}")
+        if problems:
+            self.metrics.messages_rejected.labels("invalid").inc(len(problems))
+            log.warning(
+                "refused %d of %d messages in a batch: %s",
+                len(problems),
+                len(items),
+                "; ".join(problems[:5]),
+                extra={"action": "messages_rejected"},
+            )
+        if items and not accepted:
+            if request_source is None and all(p.endswith(NO_KEY) for p in problems):
+                raise ApiError(
+                    401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
+                )
+            raise ApiError(400, "invalid_message", "; ".join(problems[:5]))
+        await self._store(accepted)
+        return web.Response(body=SUCCESS, content_type="application/json")
+
+    def _accept(
+        self, raw: Any, kind: str | None, envelope: BatchEnvelope, source: SourceConfig
+    ) -> NewMessage:
+        message = validate(raw, kind)
+        received_at = self.clock()
+        enriched = enrich(message, received_at, envelope)
+        encoded = orjson.dumps(enriched)
+        limit = self.config.server.max_message_bytes
+        if len(encoded) > limit:
+            raise InvalidMessageError(
+                f"the message is {len(encoded)} bytes; at most {limit} are accepted"
+            )
+        return NewMessage(
+            source=source.name,
+            message_id=str(enriched["messageId"]),
+            user_key=user_key(enriched),
+            type=str(enriched["type"]),
+            body=encoded,
+            received_at=received_at,
+        )
+
+    async def _store(self, messages: list[NewMessage]) -> None:
+        try:
+            stored = await self.store.enqueue(messages)
+        except StoreFullError as exc:
+            log.warning("refusing calls: %s", exc, extra={"action": "backpressure"})
+            raise ApiError(
+                503, "queue_full", "the relay's queue is full; retry later", RETRY_AFTER_S
+            ) from exc
+        except StoreError as exc:
+            raise ApiError(
+                503,
+                "store_unavailable",
+                "the relay cannot store calls now; retry later",
+                RETRY_AFTER_S,
+            ) from exc
+        self.metrics.messages_stored.inc(stored)
+        self.metrics.messages_duplicate.inc(len(messages) - stored)
+
+
+async def _read_chunk(request: web.Request) -> bytes:
+    try:
+        return await request.content.readany()
+    except Exception as exc:
+        raise ApiError(
+            400, "invalid_encoding", f"the request body cannot be decoded: {exc}"
+        ) from exc
+
+
+def _envelope(body: dict[str, Any]) -> BatchEnvelope:
+    context = body.get("context")
+    integrations = body.get("integrations")
+    return BatchEnvelope(
+        sent_at=parse_time(body.get("sentAt")),
+        context=context if isinstance(context, dict) else None,
+        integrations=integrations if isinstance(integrations, dict) else None,
+    )

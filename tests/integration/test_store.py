@@ -1,0 +1,139 @@
+"""The SQLite queue on a real file: durable enqueue, dedup, due order, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from segment_relay.errors import StoreError, StoreFullError
+from segment_relay.store import Failure, NewMessage, Store
+
+
+def msg(
+    n: int, user: str = "u", kind: str = "track", at: float = 1000.0, source: str = "s"
+) -> NewMessage:
+    return NewMessage(source, f"m{n}", user, kind, b'{"n": %d}' % n, at)
+
+
+async def test_enqueue_is_durable_across_reopen(queue_path: Path) -> None:
+    store = await Store.open(queue_path)
+    assert await store.enqueue([msg(1), msg(2)]) == 2
+    await store.close()
+    store = await Store.open(queue_path)
+    try:
+        rows = await store.due(2000.0, (), 10)
+        assert [r.message_id for r in rows] == ["m1", "m2"]
+        assert store.pending_count == 2
+    finally:
+        await store.close()
+
+
+async def test_concurrent_enqueues_share_commits_and_each_gets_its_own_count(
+    queue_path: Path,
+) -> None:
+    store = await Store.open(queue_path)
+    try:
+        counts = await asyncio.gather(*(store.enqueue([msg(i), msg(i + 1000)]) for i in range(200)))
+        assert counts == [2] * 200
+        assert (await store.stats(0.0)).pending == 400
+    finally:
+        await store.close()
+
+
+async def test_duplicates_within_the_window_are_not_stored_again(queue_path: Path) -> None:
+    store = await Store.open(queue_path, dedup_window_s=100.0)
+    try:
+        assert await store.enqueue([msg(1, at=1000.0), msg(1, at=1000.0)]) == 1
+        assert await store.enqueue([msg(1, at=1050.0)]) == 0
+        # Another source may reuse the id; the same source may after the window.
+        assert await store.enqueue([msg(1, at=1050.0, source="other")]) == 1
+        assert await store.enqueue([msg(1, at=1200.0)]) == 1
+    finally:
+        await store.close()
+
+
+async def test_dedup_survives_the_delivery_of_the_message(queue_path: Path) -> None:
+    store = await Store.open(queue_path)
+    try:
+        await store.enqueue([msg(1)])
+        [row] = await store.due(2000.0, (), 10)
+        await store.settle(acked=[row.seq], now=2000.0)
+        assert await store.enqueue([msg(1, at=1001.0)]) == 0
+    finally:
+        await store.close()
+
+
+async def test_a_user_waiting_for_a_retry_holds_back_only_that_user(queue_path: Path) -> None:
+    store = await Store.open(queue_path)
+    try:
+        await store.enqueue([msg(1, "a"), msg(2, "b"), msg(3, "a"), msg(4, "b")])
+        rows = await store.due(2000.0, (), 10)
+        await store.settle(retry=[(rows[0].seq, 2100.0, "later", True)], now=2000.0)
+        assert [r.message_id for r in await store.due(2000.0, (), 10)] == ["m2", "m4"]
+        # Busy users (a batch in flight) are left out too.
+        assert [r.message_id for r in await store.due(2000.0, ("b",), 10)] == []
+        # Once the retry is due, a's messages come back in their order.
+        assert [r.message_id for r in await store.due(2100.0, (), 10)] == ["m1", "m2", "m3", "m4"]
+        assert await store.next_retry_at() == 2100.0
+    finally:
+        await store.close()
+
+
+async def test_dead_letters_keep_the_message_and_the_reason(queue_path: Path) -> None:
+    store = await Store.open(queue_path)
+    try:
+        await store.enqueue([msg(1), msg(2)])
+        rows = await store.due(2000.0, (), 10)
+        await store.settle(
+            acked=[rows[1].seq],
+            dead=[(rows[0], Failure("rejected", "bad type", 200, "{}"))],
+            now=2000.0,
+            counters={"acked": 1},
+        )
+        [dead] = await store.dead_letters()
+        assert (dead.message_id, dead.reason, dead.detail, dead.body, dead.attempts) == (
+            "m1",
+            "rejected",
+            "bad type",
+            b'{"n": 1}',
+            1,
+        )
+        stats = await store.stats(2000.0)
+        assert (stats.pending, stats.dead_letters, stats.counters) == (
+            0,
+            {"rejected": 1},
+            {"acked": 1},
+        )
+    finally:
+        await store.close()
+
+
+async def test_over_max_pending_the_store_refuses_and_keeps_what_it_has(queue_path: Path) -> None:
+    store = await Store.open(queue_path, max_pending=3)
+    try:
+        await store.enqueue([msg(1), msg(2)])
+        with pytest.raises(StoreFullError):
+            await store.enqueue([msg(3), msg(4)])
+        assert await store.enqueue([msg(3)]) == 1
+        assert (await store.stats(0.0)).pending == 3
+    finally:
+        await store.close()
+
+
+async def test_a_second_daemon_on_the_same_queue_is_refused(queue_path: Path) -> None:
+    store = await Store.open(queue_path)
+    try:
+        with pytest.raises(StoreError, match="in use by another segment-relay process"):
+            await Store.open(queue_path)
+    finally:
+        await store.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused_clearly(queue_path: Path) -> None:
+    queue_path.parent.mkdir(parents=True)
+    queue_path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        await Store.open(queue_path)
+    assert queue_path.read_bytes().startswith(b"this is not sqlite")

@@ -1,0 +1,107 @@
+"""Segment message validation, enrichment and clock-skew correction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from segment_relay.segment import (
+    BatchEnvelope,
+    InvalidMessageError,
+    corrected_timestamp,
+    enrich,
+    format_time,
+    parse_time,
+    user_key,
+    validate,
+)
+
+T0 = 1709294400.0  # 2024-03-01T12:00:00Z
+
+
+def test_times_parse_and_format_as_segment_writes_them() -> None:
+    assert parse_time("2024-03-01T12:00:00.000Z") == T0
+    assert parse_time("2024-03-01T13:00:00+01:00") == T0
+    assert parse_time("2024-03-01T12:00:00") == T0
+    assert parse_time("nope") is None
+    assert format_time(T0 + 1.25) == "2024-03-01T12:00:01.250Z"
+
+
+@pytest.mark.parametrize(
+    ("message", "kind", "reason"),
+    [
+        ([], "track", "must be a JSON object"),
+        ({"event": "x"}, "track", "userId or anonymousId is required"),
+        ({"userId": "", "event": "x"}, "track", "userId or anonymousId is required"),
+        ({"userId": True, "event": "x"}, "track", "userId or anonymousId is required"),
+        ({"userId": "u", "anonymousId": {}, "event": "x"}, "track", "anonymousId must be"),
+        ({"userId": "u"}, "track", "event is required"),
+        ({"userId": "u", "event": "  "}, "track", "event is required"),
+        ({"userId": "u", "event": 5}, "track", "event is required"),
+        ({"userId": "u", "previousId": ""}, "alias", "alias requires userId and previousId"),
+        ({"anonymousId": "a", "previousId": "p"}, "alias", "alias requires userId and previousId"),
+        ({"userId": "u"}, "group", "groupId is required"),
+        ({"userId": "u", "traits": [1]}, "identify", "traits must be an object"),
+        ({"userId": "u", "properties": "x", "event": "e"}, "track", "properties must be an object"),
+        (
+            {"userId": "u", "timestamp": "yesterday"},
+            "identify",
+            "timestamp must be an ISO 8601 time",
+        ),
+        ({"userId": "u", "type": "nope"}, None, "type must be one of"),
+    ],
+)
+def test_invalid_messages_are_refused_with_a_reason(
+    message: Any, kind: str | None, reason: str
+) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        validate(message, kind)
+
+
+def test_the_path_decides_the_type() -> None:
+    assert validate({"userId": 1, "type": "identify", "event": "e"}, "track")["type"] == "track"
+
+
+def test_clock_skew_is_removed_using_sent_at() -> None:
+    # The client's clock is 60 s fast: it says it sent at T0+65 an event of T0+60; we got it at T0+5.
+    message = {"timestamp": format_time(T0 + 60), "sentAt": format_time(T0 + 65)}
+    assert corrected_timestamp(message, T0 + 5, None) == T0
+    # Batch-level sentAt serves messages without their own.
+    assert corrected_timestamp({"timestamp": format_time(T0 + 60)}, T0 + 5, T0 + 65) == T0
+    # Without sentAt the client's timestamp is taken; without either, the receive time.
+    assert corrected_timestamp({"timestamp": format_time(T0)}, T0 + 99, None) == T0
+    assert corrected_timestamp({}, T0 + 99, T0) == T0 + 99
+
+
+def test_enrich_adds_ids_times_and_merges_the_batch_context() -> None:
+    message = {
+        "type": "track",
+        "userId": "u",
+        "event": "e",
+        "writeKey": "secret",
+        "timestamp": "2024-03-01T12:00:00Z",
+        "context": {"ip": "1.2.3.4"},
+    }
+    envelope = BatchEnvelope(
+        context={"ip": "9.9.9.9", "library": {"name": "x"}}, integrations={"All": True}
+    )
+    out = enrich(message, T0 + 1, envelope)
+    assert "writeKey" not in out
+    assert len(out["messageId"]) == 36
+    assert out["receivedAt"] == "2024-03-01T12:00:01.000Z"
+    assert out["timestamp"] == "2024-03-01T12:00:00.000Z"
+    assert out["originalTimestamp"] == "2024-03-01T12:00:00Z"
+    assert out["context"] == {"ip": "1.2.3.4", "library": {"name": "x"}}
+    assert out["integrations"] == {"All": True}
+
+
+def test_a_corrected_time_outside_any_sane_range_is_refused() -> None:
+    message = {"timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-01-01T00:00:00Z"}
+    with pytest.raises(InvalidMessageError, match="outside the years"):
+        enrich(message, T0, BatchEnvelope())
+
+
+def test_the_user_key_prefers_anonymous_id() -> None:
+    assert user_key({"userId": "u", "anonymousId": "a"}) == "a"
+    assert user_key({"userId": 7}) == "7"
