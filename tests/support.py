@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import yaml
 from aiohttp import web
 
@@ -22,6 +25,7 @@ from segment_relay.testing import FakeInfinario
 TESTS = Path(__file__).parent
 CONFORMANCE = TESTS / "conformance"
 WRITE_KEY = "test-write-key"
+AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -202,3 +206,15 @@ async def run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
         out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def post(
+    url: str, path: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + path, data=orjson.dumps(body), headers=headers if headers is not None else AUTH
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)

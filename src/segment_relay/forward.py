@@ -24,6 +24,7 @@ from .batching import durable_delay, select_batch
 from .config import DestinationConfig
 from .errors import MappingError, PermanentSendError, TransientSendError
 from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, cut
+from .limits import ProjectLimits
 from .mapping import Command, MappingSettings, map_message
 from .metrics import Metrics
 from .store import Failure, QueuedMessage, Store
@@ -114,8 +115,10 @@ class Forwarder:
         mapping: MappingSettings,
         metrics: Metrics,
         clock: Clock = time.time,
+        limits: ProjectLimits | None = None,
     ) -> None:
         self.store = store
+        self.limits = limits or ProjectLimits()
         self.sender = sender
         self.config = config
         self.mapping = mapping
@@ -230,6 +233,7 @@ class Forwarder:
         to_send: list[tuple[QueuedMessage, Command]] = []
         skipped: list[int] = []
         dead: list[tuple[QueuedMessage, Failure]] = []
+        names: list[tuple[str, str]] = []
         for row in batch:
             try:
                 command = map_message(orjson.loads(row.body), self.mapping)
@@ -244,9 +248,15 @@ class Forwarder:
                 self.metrics.dropped_keys.labels(command.event_type or "customer").inc(
                     command.dropped_keys
                 )
+            refusal, new_names = self.limits.admit(command)
+            if refusal is not None:
+                dead.append((row, Failure("project_limit", refusal)))
+                continue
+            names.extend(new_names)
             to_send.append((row, command))
-        if skipped or dead:
-            await self._write(acked=skipped, dead=dead, now=now)
+        if skipped or dead or names:
+            # New names are remembered before the send: two lanes cannot both take the last slot.
+            await self._write(acked=skipped, dead=dead, names=names, now=now)
         if to_send:
             await self._send(to_send)
         self.state.last_progress = time.monotonic()
@@ -362,13 +372,14 @@ class Forwarder:
         acked: Sequence[int] = (),
         retry: Sequence[tuple[int, float, str, bool]] = (),
         dead: Sequence[tuple[QueuedMessage, Failure]] = (),
+        names: Sequence[tuple[str, str]] = (),
         now: float,
     ) -> None:
         """Write outcomes so that cancellation cannot lose them (style.md 7)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
         task = asyncio.ensure_future(
-            self.store.settle(acked=acked, retry=retry, dead=dead, now=now)
+            self.store.settle(acked=acked, retry=retry, dead=dead, names=names, now=now)
         )
         try:
             await asyncio.shield(task)

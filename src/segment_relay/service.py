@@ -21,6 +21,7 @@ from aiohttp import web
 from .config import Config
 from .forward import DryRunSender, Forwarder, HttpSender, Sender
 from .infinario import api_style
+from .limits import ProjectLimits
 from .mapping import MappingSettings
 from .metrics import Metrics
 from .receive import Receiver
@@ -94,8 +95,15 @@ def create_app(
         else:
             session = aiohttp.ClientSession()
             sender = HttpSender(session, style, config.destination, app[METRICS], clock)
+        limits = ProjectLimits.from_names(await app[STORE].project_names())
         forwarder = Forwarder(
-            app[STORE], sender, config.destination, mapping_settings(config), app[METRICS], clock
+            app[STORE],
+            sender,
+            config.destination,
+            mapping_settings(config),
+            app[METRICS],
+            clock,
+            limits,
         )
         app[FORWARDER] = forwarder
         stop = asyncio.Event()

@@ -365,18 +365,21 @@ class Store:
         dead: Iterable[tuple[QueuedMessage, Failure]] = (),
         now: float,
         counters: dict[str, int] | None = None,
+        names: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Write the outcome of a send in one transaction.
 
         `acked`: seqs delivered (deleted). `retry`: (seq, next_attempt_at, error,
         counts_attempt). `dead`: messages moved to the dead-letter table. `counters` are added
-        to the persistent counters in the same transaction.
+        to the persistent counters and `names` (kind, name) to the project's known names, in the
+        same transaction.
         """
         acked_rows = [(s,) for s in acked]
         retry_rows = [
             (next_at, error, int(counts), now, seq) for seq, next_at, error, counts in retry
         ]
         dead_rows = list(dead)
+        name_rows = list(names)
         async with self._write_lock:
             try:
                 if acked_rows:
@@ -390,6 +393,10 @@ class Store:
                     )
                 if dead_rows:
                     await self._insert_dead(dead_rows, now)
+                if name_rows:
+                    await self._conn.executemany(
+                        "INSERT OR IGNORE INTO project_names (kind, name) VALUES (?, ?)", name_rows
+                    )
                 if counters:
                     await self._conn.executemany(
                         "INSERT INTO counters (name, value) VALUES (?, ?) "
@@ -462,6 +469,11 @@ class Store:
             f"SELECT * FROM dead_letters {where} ORDER BY id LIMIT ?", args
         ) as cursor:
             return [DeadLetter.from_row(r) for r in await cursor.fetchall()]
+
+    async def project_names(self) -> list[tuple[str, str]]:
+        """(kind, name) of every event type and customer property key sent to the project."""
+        async with self._conn.execute("SELECT kind, name FROM project_names") as cursor:
+            return [(str(r[0]), str(r[1])) for r in await cursor.fetchall()]
 
     async def prune_dedup(self, now: float) -> int:
         """Forget messageIds older than the dedup window; return how many were forgotten."""

@@ -7,27 +7,13 @@ import io
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from segment_relay.service import FORWARDER, METRICS, STORE
 from segment_relay.testing import FakeInfinario, Reply
-from support import WRITE_KEY, Server, make_config, running_relay
+from support import AUTH, WRITE_KEY, Server, make_config, post, running_relay
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 T0 = "2024-03-01T12:00:00.000Z"
-
-
-async def post(
-    url: str, path: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            url + path, data=orjson.dumps(body), headers=headers if headers is not None else AUTH
-        ) as response,
-    ):
-        return response.status, await response.json(content_type=None)
 
 
 def track(n: int, user: str = "u1", **extra: Any) -> dict[str, Any]:

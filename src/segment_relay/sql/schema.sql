@@ -60,3 +60,11 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Event types and customer property keys this relay has sent to the project, for Infinario's
+-- project-wide limit of 255 of each.
+CREATE TABLE IF NOT EXISTS project_names (
+    kind TEXT NOT NULL,               -- event_type or customer_property
+    name TEXT NOT NULL,
+    PRIMARY KEY (kind, name)
+) WITHOUT ROWID;
