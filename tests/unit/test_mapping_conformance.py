@@ -45,3 +45,22 @@ def test_the_vectors_cover_every_call_type_and_both_styles() -> None:
     types = {v["message"]["type"] for v in VECTORS}
     assert types == {"identify", "track", "page", "screen", "alias", "group"}
     assert {v["api"] for v in VECTORS} == {"infinario", "exponea"}
+
+
+def test_id_names_and_context_fields_come_from_the_config() -> None:
+    settings = MappingSettings(
+        registered_id="customer_id", cookie_id="browser", context_fields=("ip", "device")
+    )
+    message = {
+        "type": "track",
+        "messageId": "m",
+        "userId": "u",
+        "anonymousId": "a",
+        "event": "e",
+        "timestamp": "2024-03-01T12:00:00Z",
+        "context": {"ip": "1.1.1.1", "locale": "en", "device": {"model": "X"}},
+    }
+    command = map_message(message, settings)
+    assert command is not None
+    assert command.ids == {"customer_id": "u", "browser": "a"}
+    assert command.properties == {"ip": "1.1.1.1", "device_model": "X"}
