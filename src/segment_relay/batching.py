@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import RetryConfig
-from .store import QueuedMessage
+from .records import QueuedMessage
 
 _RANDOM = random.Random()
 CUSTOMER_UPDATES = frozenset({"identify", "alias", "group"})

@@ -130,6 +130,7 @@ def _status(args: argparse.Namespace) -> int:
         try:
             now = time.time()
             stats = await store.stats(now)
+            open_sessions, next_expiry = await store.session_stats()
         finally:
             await store.close()
         return {
@@ -140,6 +141,10 @@ def _status(args: argparse.Namespace) -> int:
             else round(now - stats.oldest_received_at, 3),
             "dead_letters": stats.dead_letters,
             "counters": stats.counters,
+            "open_sessions": open_sessions,
+            "next_session_expiry_in_s": None
+            if next_expiry is None
+            else round(next_expiry - now, 3),
         }
 
     report = asyncio.run(read())
@@ -152,6 +157,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  waiting to retry:   {report['in_backoff']}")
         print(f"  oldest pending age: {'-' if age is None else f'{age:.1f}s'}")
         dead = report["dead_letters"]
+        expiry = report["next_session_expiry_in_s"]
+        print(
+            f"  open sessions:      {report['open_sessions']}"
+            + ("" if expiry is None else f" (next ends in {max(expiry, 0):.1f}s)")
+        )
         print(
             f"  dead letters:       {sum(dead.values())}"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(dead.items()))})" if dead else "")

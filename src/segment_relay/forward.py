@@ -27,7 +27,8 @@ from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, cut
 from .limits import ProjectLimits
 from .mapping import Command, MappingSettings, map_message
 from .metrics import Metrics
-from .store import Failure, QueuedMessage, Store
+from .records import Failure, QueuedMessage
+from .store import Store
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -176,9 +177,12 @@ class Forwarder:
         """Start as many batches as there are free slots; return how long to wait at most."""
         if self._crashed is not None:
             raise self._crashed
+        # Pauses and pacing run on the monotonic clock; `now` (wall clock, injectable) decides
+        # what is due and stamps what is written.
+        tick = time.monotonic()
+        if tick < self.state.paused_until:
+            return self.state.paused_until - tick
         now = self.clock()
-        if now < self.state.paused_until:
-            return self.state.paused_until - now
         while len(self._tasks) < self.config.concurrency:
             rows = await self.store.due(now, self._busy_users, self.config.batch_size * 4)
             rows = await self._expire(rows, now)
@@ -187,10 +191,11 @@ class Forwarder:
                 if selection.wait_until is not None:
                     return max(0.0, selection.wait_until - now)
                 return await self._idle_wait(now)
-            if now < self._next_send_at:
-                return self._next_send_at - now
+            tick = time.monotonic()
+            if tick < self._next_send_at:
+                return self._next_send_at - tick
             self._next_send_at = (
-                max(self._next_send_at, now) + 1.0 / self.config.max_requests_per_second
+                max(self._next_send_at, tick) + 1.0 / self.config.max_requests_per_second
             )
             self._start(selection.batch)
         return None
@@ -324,7 +329,9 @@ class Forwarder:
         now = self.clock()
         if exc.retry_after_s is not None:
             # The limit is per client address: every lane waits, not only this batch.
-            self.state.paused_until = max(self.state.paused_until, now + exc.retry_after_s)
+            self.state.paused_until = max(
+                self.state.paused_until, time.monotonic() + exc.retry_after_s
+            )
         rows = [row for row, _ in items]
         retry = []
         for row in rows:
@@ -343,7 +350,7 @@ class Forwarder:
     ) -> None:
         now = self.clock()
         self.state.credentials_error = str(exc)
-        self.state.paused_until = now + CREDENTIALS_PROBE_S
+        self.state.paused_until = time.monotonic() + CREDENTIALS_PROBE_S
         log.error("forwarding paused: %s", exc, extra={"action": "credentials_refused"})
         retry = [
             (row.seq, now + CREDENTIALS_PROBE_S, cut(str(exc), 500), False) for row, _ in items

@@ -22,6 +22,7 @@ from aiohttp import web
 from .config import Config, SourceConfig
 from .errors import StoreError, StoreFullError
 from .metrics import Metrics
+from .records import NewMessage
 from .segment import (
     PATH_TYPES,
     BatchEnvelope,
@@ -31,7 +32,7 @@ from .segment import (
     user_key,
     validate,
 )
-from .store import NewMessage, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ class Receiver:
             type=str(enriched["type"]),
             body=encoded,
             received_at=received_at,
+            message=enriched,
         )
 
     async def _store(self, messages: list[NewMessage]) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TextIO
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TextIO
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,8 @@ from .limits import ProjectLimits
 from .mapping import MappingSettings
 from .metrics import Metrics
 from .receive import Receiver
+from .session_timer import SessionTimer
+from .sessions import SessionRules
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+SESSION_TIMER = web.AppKey("session_timer", SessionTimer)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 # Set when a task the relay cannot run without (the forwarder) died: serve() exits non-zero.
 FATAL = web.AppKey("fatal", asyncio.Event)
@@ -51,11 +55,13 @@ def create_app(
     dry_run_out: TextIO | None = None,
     clock: Callable[[], float] = time.time,
     forward: bool = True,
+    session_timer: bool = True,
 ) -> web.Application:
     """The relay as an aiohttp app: Segment API, health endpoints, store and forwarder.
 
     `forward=False` builds a receiver only (the forwarder is not started), for tests that
-    inspect the queue.
+    inspect the queue; `session_timer=False` leaves idle sessions to `SessionTimer.tick()`
+    called by a test that drives the clock.
     """
     if not dry_run and forward:
         config.check_destination()
@@ -64,41 +70,70 @@ def create_app(
     app[METRICS] = Metrics()
     app[STOPPING] = asyncio.Event()
     app[FATAL] = asyncio.Event()
-    style = api_style(config.destination)
     receiver = Receiver(config, app[METRICS], clock)
     receiver.add_routes(app)
+    app.cleanup_ctx.append(functools.partial(_store_ctx, receiver=receiver))
+    if config.sessions.enabled and session_timer:
+        app.cleanup_ctx.append(functools.partial(_session_timer_ctx, clock=clock))
+    if forward:
+        sender = functools.partial(_sender, dry_run=dry_run, dry_run_out=dry_run_out, clock=clock)
+        app.cleanup_ctx.append(functools.partial(_forwarder_ctx, sender=sender, clock=clock))
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    return app
 
-    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        q = config.queue
-        app[STORE] = await Store.open(
-            q.path,
-            synchronous=q.synchronous,
-            dedup_window_s=q.dedup_window_s,
-            max_pending=q.max_pending,
-        )
-        receiver.store = app[STORE]
-        log.info(
-            "queue open at %s with %d messages pending",
-            q.path,
-            app[STORE].pending_count,
-            extra={"action": "store_open"},
-        )
-        yield
-        await app[STORE].close()
-        log.info("queue closed", extra={"action": "store_closed"})
 
-    async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
-        session: aiohttp.ClientSession | None = None
-        sender: Sender
-        if dry_run:
-            sender = DryRunSender(style, dry_run_out)
-        else:
-            session = aiohttp.ClientSession()
-            sender = HttpSender(session, style, config.destination, app[METRICS], clock)
+async def _store_ctx(app: web.Application, *, receiver: Receiver) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    q, s = config.queue, config.sessions
+    app[STORE] = await Store.open(
+        q.path,
+        synchronous=q.synchronous,
+        dedup_window_s=q.dedup_window_s,
+        max_pending=q.max_pending,
+        sessions=SessionRules.of(s.idle_timeout_s, s.event_types) if s.enabled else None,
+    )
+    receiver.store = app[STORE]
+    log.info(
+        "queue open at %s with %d messages pending",
+        q.path,
+        app[STORE].pending_count,
+        extra={"action": "store_open"},
+    )
+    yield
+    await app[STORE].close()
+    log.info("queue closed", extra={"action": "store_closed"})
+
+
+@contextlib.asynccontextmanager
+async def _sender(
+    app: web.Application,
+    *,
+    dry_run: bool,
+    dry_run_out: TextIO | None,
+    clock: Callable[[], float],
+) -> AsyncIterator[Sender]:
+    config = app[CONFIG]
+    style = api_style(config.destination)
+    if dry_run:
+        yield DryRunSender(style, dry_run_out)
+        return
+    async with aiohttp.ClientSession() as session:
+        yield HttpSender(session, style, config.destination, app[METRICS], clock)
+
+
+async def _forwarder_ctx(
+    app: web.Application,
+    *,
+    sender: Callable[[web.Application], contextlib.AbstractAsyncContextManager[Sender]],
+    clock: Callable[[], float],
+) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    async with sender(app) as send:
         limits = ProjectLimits.from_names(await app[STORE].project_names())
         forwarder = Forwarder(
             app[STORE],
-            sender,
+            send,
             config.destination,
             mapping_settings(config),
             app[METRICS],
@@ -106,23 +141,36 @@ def create_app(
             limits,
         )
         app[FORWARDER] = forwarder
-        stop = asyncio.Event()
-        task = asyncio.create_task(forwarder.run(stop), name="forwarder")
-        task.add_done_callback(lambda t: _supervise(t, app[FATAL]))
+        async with _background(app, "forwarder", forwarder.run):
+            yield
+
+
+async def _session_timer_ctx(
+    app: web.Application, *, clock: Callable[[], float]
+) -> AsyncIterator[None]:
+    timer = SessionTimer(app[STORE], clock)
+    app[SESSION_TIMER] = timer
+    # Sessions that went idle while the relay was down are closed before it serves.
+    await timer.tick()
+    async with _background(app, "session-timer", timer.run):
         yield
+
+
+@contextlib.asynccontextmanager
+async def _background(
+    app: web.Application, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> AsyncIterator[None]:
+    """Run `run(stop)` as a supervised task; on exit set `stop` and wait for it to finish."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop), name=name)
+    task.add_done_callback(lambda t: _supervise(t, app[FATAL]))
+    try:
+        yield
+    finally:
         stop.set()
-        # A forwarder that died was logged by _supervise; the rest of teardown still runs.
+        # A task that died was logged by _supervise; the rest of teardown still runs.
         with contextlib.suppress(Exception):
             await task
-        if session is not None:
-            await session.close()
-
-    app.cleanup_ctx.append(store_ctx)
-    if forward:
-        app.cleanup_ctx.append(forwarder_ctx)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/ready", _ready)
-    return app
 
 
 def _supervise(task: asyncio.Task[None], fatal: asyncio.Event) -> None:

@@ -15,15 +15,16 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 import orjson
 
 from .errors import StoreError, StoreFullError
+from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
+from .sessions import SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -54,83 +55,19 @@ _ROW_COLUMNS = (
 _DUE = _DUE.format(columns=", ".join(f"m.{c.strip()}" for c in _ROW_COLUMNS.split(",")))
 
 
-@dataclass(frozen=True)
-class NewMessage:
-    """An accepted message on its way into the queue."""
-
-    source: str
-    message_id: str
-    user_key: str
-    type: str
-    body: bytes
-    received_at: float
+_SESSION_COLUMNS = "user_key, source, started_at, last_activity, expires_at, ids, context"
 
 
-@dataclass(frozen=True)
-class QueuedMessage:
-    """A message row in the queue."""
-
-    seq: int
-    source: str
-    message_id: str
-    user_key: str
-    type: str
-    body: bytes
-    received_at: float
-    attempts: int
-    next_attempt_at: float
-    first_attempt_at: float | None
-    last_error: str | None
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Self:
-        return cls(*row)
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message that left the queue without being delivered, and why."""
-
-    id: int
-    seq: int
-    source: str
-    message_id: str
-    user_key: str
-    type: str
-    body: bytes
-    received_at: float
-    reason: str
-    detail: str
-    response_status: int | None
-    response_body: str | None
-    attempts: int
-    first_attempt_at: float | None
-    last_attempt_at: float
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Self:
-        return cls(*row)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a message is dead-lettered."""
-
-    reason: str
-    detail: str = ""
-    response_status: int | None = None
-    response_body: str | None = None
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """What `segment-relay status` shows."""
-
-    pending: int
-    in_backoff: int
-    oldest_received_at: float | None
-    dead_letters: dict[str, int]
-    counters: dict[str, int]
+def _session_from_row(row: Sequence[Any]) -> SessionState:
+    return SessionState(
+        user_key=row[0],
+        source=row[1],
+        started_at=row[2],
+        last_activity=row[3],
+        expires_at=row[4],
+        ids=orjson.loads(row[5]),
+        context=None if row[6] is None else orjson.loads(row[6]),
+    )
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
@@ -173,8 +110,10 @@ class Store:
         dedup_window_s: float,
         max_pending: int,
         pending: int,
+        sessions: SessionRules | None = None,
     ) -> None:
         self._conn = conn
+        self._rules = sessions
         self._lock = lock
         self._dedup_window_s = dedup_window_s
         self._max_pending = max_pending
@@ -186,6 +125,8 @@ class Store:
         self._closing = False
         # Set after every commit that stored something: the forwarder waits on it.
         self.new_work = asyncio.Event()
+        # Set when a session opens: the session timer recomputes its next deadline.
+        self.sessions_changed = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -198,6 +139,7 @@ class Store:
         dedup_window_s: float = 86400.0,
         max_pending: int = 10_000_000,
         exclusive: bool = True,
+        sessions: SessionRules | None = None,
     ) -> Store:
         """Open (creating when missing) the queue at `path`.
 
@@ -245,6 +187,7 @@ class Store:
             dedup_window_s=dedup_window_s,
             max_pending=max_pending,
             pending=int(row[0]) if row else 0,
+            sessions=sessions,
         )
         store._committer = asyncio.create_task(store._commit_loop(), name="store-group-commit")
         return store
@@ -297,16 +240,15 @@ class Store:
         counts: list[int] = []
         try:
             async with self._write_lock:
+                expanded = await self._apply_sessions(groups)
                 # Each request's messages go in one executemany, so its stored count is known;
                 # all of them share the one commit.
-                for messages, _ in groups:
-                    params = [
-                        {**m.__dict__, "dedup_since": m.received_at - self._dedup_window_s}
-                        for m in messages
-                    ]
+                for rows, session_rows in expanded:
+                    params = [m.params(self._dedup_window_s) for m in rows]
                     cursor = await self._conn.executemany(_INSERT, params)
-                    # rowcount counts the messages inserted, not the dedup rows of the trigger.
-                    counts.append(max(cursor.rowcount, 0))
+                    # rowcount counts the messages inserted, not the dedup rows of the trigger;
+                    # the session events inserted with them are not the client's messages.
+                    counts.append(max(cursor.rowcount, 0) - session_rows)
                 await self._conn.commit()
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             await self._rollback()
@@ -328,9 +270,142 @@ class Store:
             stored += count
             if not future.done():
                 future.set_result(count)
-        self._pending_count += stored
+        self._pending_count += stored + sum(n for _, n in expanded)
         if stored:
             self.new_work.set()
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    async def _apply_sessions(
+        self, groups: list[tuple[list[NewMessage], asyncio.Future[int]]]
+    ) -> list[tuple[list[NewMessage], int]]:
+        """Each group's rows with the session events they cause, and how many those are.
+
+        Runs inside the commit's transaction: the session rows are written with the calls.
+        """
+        rules = self._rules
+        plain = [(messages, 0) for messages, _ in groups]
+        if rules is None:
+            return plain
+        activities = [
+            (m, a)
+            for messages, _ in groups
+            for m in messages
+            if m.message is not None
+            and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
+        ]
+        if not activities:
+            return plain
+        seen = await self._already_accepted([m for m, _ in activities])
+        states = await self._sessions_of({a.user_key for _, a in activities})
+        by_message = {id(m): a for m, a in activities}
+        changed: dict[str, SessionState] = {}
+        opened = False
+        expanded: list[tuple[list[NewMessage], int]] = []
+        for messages, _ in groups:
+            rows: list[NewMessage] = []
+            for message in messages:
+                activity = by_message.get(id(message))
+                key = (message.source, message.message_id)
+                if activity is not None and key not in seen:
+                    seen.add(key)
+                    events, state = rules.on_activity(states.get(activity.user_key), activity)
+                    if state is not None:
+                        states[activity.user_key] = changed[activity.user_key] = state
+                    rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
+                    opened = opened or any(e.kind == "session_start" for e in events)
+                rows.append(message)
+            expanded.append((rows, len(rows) - len(messages)))
+        await self._save_sessions(changed.values())
+        if opened:
+            self.sessions_changed.set()
+        return expanded
+
+    async def _already_accepted(self, messages: list[NewMessage]) -> set[tuple[str, str]]:
+        """(source, messageId) of these messages already accepted within the dedup window."""
+        pairs = orjson.dumps([[m.source, m.message_id] for m in messages]).decode()
+        since = min(m.received_at for m in messages) - self._dedup_window_s
+        async with self._conn.execute(
+            "SELECT d.source, d.message_id FROM json_each(?) AS j JOIN dedup AS d "
+            "ON d.source = json_extract(j.value, '$[0]') "
+            "AND d.message_id = json_extract(j.value, '$[1]') "
+            "WHERE d.received_at >= ?",
+            (pairs, since),
+        ) as cursor:
+            return {(str(r[0]), str(r[1])) for r in await cursor.fetchall()}
+
+    async def _sessions_of(self, users: set[str]) -> dict[str, SessionState]:
+        async with self._conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions "
+            "WHERE user_key IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(sorted(users)).decode(),),
+        ) as cursor:
+            return {r[0]: _session_from_row(r) for r in await cursor.fetchall()}
+
+    async def _save_sessions(self, states: Iterable[SessionState]) -> None:
+        rows = [
+            (
+                s.user_key,
+                s.source,
+                s.started_at,
+                s.last_activity,
+                s.expires_at,
+                orjson.dumps(s.ids),
+                None if s.context is None else orjson.dumps(s.context),
+            )
+            for s in states
+        ]
+        if rows:
+            await self._conn.executemany(
+                f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    async def expire_sessions(self, now: float, limit: int = 1000) -> int:
+        """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.
+
+        Their session_end events are enqueued in the same transaction that deletes them.
+        """
+        async with self._write_lock:
+            try:
+                async with self._conn.execute(
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE expires_at <= ? "
+                    "ORDER BY expires_at LIMIT ?",
+                    (now, limit),
+                ) as cursor:
+                    due = [_session_from_row(r) for r in await cursor.fetchall()]
+                if not due:
+                    return 0
+                rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
+                await self._conn.executemany(
+                    _INSERT, [m.params(self._dedup_window_s) for m in rows]
+                )
+                await self._conn.executemany(
+                    "DELETE FROM sessions WHERE user_key = ?", [(s.user_key,) for s in due]
+                )
+                await self._conn.commit()
+            except sqlite3.Error:
+                await self._rollback()
+                raise
+        self._pending_count += len(due)
+        self.new_work.set()
+        return len(due)
+
+    async def session_stats(self) -> tuple[int, float | None]:
+        """Open sessions and the earliest wall-clock expiry among them."""
+        async with self._conn.execute("SELECT COUNT(*), MIN(expires_at) FROM sessions") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), None if row[1] is None else float(row[1])
+
+    async def next_session_expiry(self) -> float | None:
+        """The earliest wall-clock expiry of an open session, or None."""
+        async with self._conn.execute(
+            "SELECT expires_at FROM sessions ORDER BY expires_at LIMIT 1"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else float(row[0])
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):

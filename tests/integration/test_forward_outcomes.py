@@ -7,8 +7,8 @@ from pathlib import Path
 
 import orjson
 
+from segment_relay.records import NewMessage
 from segment_relay.service import FORWARDER, METRICS, STORE
-from segment_relay.store import NewMessage
 from segment_relay.testing import FakeInfinario
 from support import Server, make_config, post, running_relay
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 
 from segment_relay.errors import StoreError, StoreFullError
-from segment_relay.store import Failure, NewMessage, Store
+from segment_relay.records import Failure, NewMessage
+from segment_relay.sessions import SessionRules
+from segment_relay.store import Store
 
 
 def msg(
@@ -137,3 +140,33 @@ async def test_a_file_that_is_not_a_database_is_refused_clearly(queue_path: Path
     with pytest.raises(StoreError, match="not a usable SQLite database"):
         await Store.open(queue_path)
     assert queue_path.read_bytes().startswith(b"this is not sqlite")
+
+
+def page(n: int, user: str, event_time: str, at: float) -> NewMessage:
+    message = {"type": "page", "messageId": f"p{n}", "anonymousId": user, "timestamp": event_time}
+    return NewMessage("s", f"p{n}", user, "page", orjson.dumps(message), at, message)
+
+
+async def test_sessions_are_written_with_the_calls_and_survive_a_restart(queue_path: Path) -> None:
+    rules = SessionRules.of(60, ["page"])
+    store = await Store.open(queue_path, sessions=rules)
+    try:
+        assert await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)]) == 1
+        # The same page again (a client retry) is a duplicate: no second session_start.
+        assert await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1001.0)]) == 0
+        rows = await store.due(2000.0, (), 10)
+        assert [r.type for r in rows] == ["session_start", "page"]
+        assert await store.session_stats() == (1, 1060.0)
+    finally:
+        await store.close()
+    store = await Store.open(queue_path, sessions=rules)
+    try:
+        assert await store.next_session_expiry() == 1060.0
+        assert await store.expire_sessions(1059.0) == 0
+        assert await store.expire_sessions(1060.0) == 1
+        assert await store.session_stats() == (0, None)
+        rows = await store.due(2000.0, (), 10)
+        assert [r.type for r in rows] == ["session_start", "page", "session_end"]
+        assert orjson.loads(rows[2].body)["properties"] == {"duration": 0.0}
+    finally:
+        await store.close()

@@ -6,7 +6,7 @@ import random
 
 from segment_relay.batching import durable_delay, select_batch
 from segment_relay.config import RetryConfig
-from segment_relay.store import QueuedMessage
+from segment_relay.records import QueuedMessage
 
 
 def row(

@@ -68,3 +68,16 @@ CREATE TABLE IF NOT EXISTS project_names (
     name TEXT NOT NULL,
     PRIMARY KEY (kind, name)
 ) WITHOUT ROWID;
+
+-- Open sessions, one per user key. `expires_at` is on the wall clock: the one timer closes
+-- sessions in expiry order, so a million open sessions cost rows, not coroutines.
+CREATE TABLE IF NOT EXISTS sessions (
+    user_key TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    started_at REAL NOT NULL,         -- event time of the first call
+    last_activity REAL NOT NULL,      -- event time of the latest call
+    expires_at REAL NOT NULL,         -- wall clock
+    ids BLOB NOT NULL,                -- JSON: userId / anonymousId known to the session
+    context BLOB                      -- JSON: the context of the call that opened it
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);

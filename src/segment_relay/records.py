@@ -1,0 +1,115 @@
+"""The rows the queue stores and hands out, as frozen dataclasses (no SQL here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import orjson
+
+from .sessions import SessionEvent
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """An accepted message on its way into the queue."""
+
+    source: str
+    message_id: str
+    user_key: str
+    type: str
+    body: bytes
+    received_at: float
+    # The message itself, for the session rules (not stored apart from `body`).
+    message: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def params(self, dedup_window_s: float) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "message_id": self.message_id,
+            "user_key": self.user_key,
+            "type": self.type,
+            "body": self.body,
+            "received_at": self.received_at,
+            "dedup_since": self.received_at - dedup_window_s,
+        }
+
+    @classmethod
+    def session_event(cls, event: SessionEvent, received_at: float) -> NewMessage:
+        message = event.message()
+        return cls(
+            event.session.source,
+            message["messageId"],
+            event.session.user_key,
+            event.kind,
+            orjson.dumps(message),
+            received_at,
+        )
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message row in the queue."""
+
+    seq: int
+    source: str
+    message_id: str
+    user_key: str
+    type: str
+    body: bytes
+    received_at: float
+    attempts: int
+    next_attempt_at: float
+    first_attempt_at: float | None
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Self:
+        return cls(*row)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that left the queue without being delivered, and why."""
+
+    id: int
+    seq: int
+    source: str
+    message_id: str
+    user_key: str
+    type: str
+    body: bytes
+    received_at: float
+    reason: str
+    detail: str
+    response_status: int | None
+    response_body: str | None
+    attempts: int
+    first_attempt_at: float | None
+    last_attempt_at: float
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Self:
+        return cls(*row)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a message is dead-lettered."""
+
+    reason: str
+    detail: str = ""
+    response_status: int | None = None
+    response_body: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What `segment-relay status` shows."""
+
+    pending: int
+    in_backoff: int
+    oldest_received_at: float | None
+    dead_letters: dict[str, int]
+    counters: dict[str, int]

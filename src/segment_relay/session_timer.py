@@ -1,0 +1,63 @@
+"""The one idle-session timer for all users.
+
+It sleeps until the earliest session expiry (bounded by a poll interval, so a wall-clock jump
+cannot strand it), closes the sessions due in batches, and is woken when a session opens.
+Sessions that went idle while the daemon was down are closed by its first tick at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .store import Store
+
+log = logging.getLogger(__name__)
+POLL_S = 60.0
+BATCH = 1000
+
+
+class SessionTimer:
+    """Closes idle sessions through the store, on the injected wall clock."""
+
+    def __init__(
+        self, store: Store, clock: Callable[[], float] = time.time, poll_s: float = POLL_S
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.poll_s = poll_s
+        self.ended = 0
+
+    async def tick(self) -> int:
+        """Close every session due now; return how many were closed."""
+        closed = 0
+        while True:
+            count = await self.store.expire_sessions(self.clock(), BATCH)
+            closed += count
+            if count < BATCH:
+                break
+        if closed:
+            self.ended += closed
+            log.info("closed %d idle sessions", closed, extra={"action": "sessions_closed"})
+        return closed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick at every expiry until `stop` is set."""
+        changed = self.store.sessions_changed
+        while not stop.is_set():
+            await self.tick()
+            deadline = await self.store.next_session_expiry()
+            timeout = (
+                self.poll_s
+                if deadline is None
+                else min(self.poll_s, max(0.0, deadline - self.clock()))
+            )
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            changed.clear()

@@ -1,0 +1,157 @@
+"""Pure idle-session rules (design.md section 5): no I/O, time passed in.
+
+Page and screen calls (and any configured track events) drive a session per user key
+(`anonymousId`, else `userId`). Event time decides whether a call continues a session; the wall
+clock decides when an idle session is closed by the timer. The store applies these rules inside
+the transaction that stores the calls, so a crash can neither lose nor repeat a session event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .segment import format_time, parse_time
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """An open session: event times in Unix seconds, `expires_at` on the wall clock."""
+
+    user_key: str
+    source: str
+    started_at: float
+    last_activity: float
+    expires_at: float
+    # userId / anonymousId last seen in the session: a session_end carries the ids known at
+    # its end (a login during the session adds the userId).
+    ids: dict[str, Any]
+    # The context of the call that opened the session, copied onto both session events.
+    context: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """A session_start or session_end to enqueue, as a Segment-like message."""
+
+    kind: str
+    session: SessionState
+
+    @property
+    def timestamp(self) -> float:
+        if self.kind == "session_start":
+            return self.session.started_at
+        return self.session.last_activity
+
+    def message(self) -> dict[str, Any]:
+        """The message the forwarder maps like any other event."""
+        session = self.session
+        message: dict[str, Any] = {
+            "type": self.kind,
+            "messageId": f"{self.kind}:{session.user_key}:{session.started_at:.3f}",
+            **session.ids,
+            "timestamp": format_time(self.timestamp),
+        }
+        if session.context:
+            message["context"] = session.context
+        if self.kind == "session_end":
+            message["properties"] = {
+                "duration": round(session.last_activity - session.started_at, 3)
+            }
+        return message
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A call that opens or extends a session, as the rules see it."""
+
+    user_key: str
+    source: str
+    event_time: float
+    wall_time: float
+    ids: dict[str, Any]
+    context: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """Which calls are session activity, and the idle timeout."""
+
+    idle_timeout_s: float
+    event_types: frozenset[str] = frozenset({"page", "screen"})
+
+    @classmethod
+    def of(cls, idle_timeout_s: float, event_types: Iterable[str]) -> SessionRules:
+        return cls(idle_timeout_s, frozenset(event_types))
+
+    def activity(
+        self, message: dict[str, Any], source: str, user_key: str, wall_time: float
+    ) -> Activity | None:
+        """The message as session activity, or None when it does not touch sessions."""
+        kind = message.get("type")
+        if kind not in self.event_types and not (
+            kind == "track" and message.get("event") in self.event_types
+        ):
+            return None
+        event_time = parse_time(message.get("timestamp"))
+        if event_time is None or not user_key:
+            return None
+        ids = {k: message[k] for k in ("userId", "anonymousId") if message.get(k) not in (None, "")}
+        context = message.get("context")
+        return Activity(
+            user_key,
+            source,
+            event_time,
+            wall_time,
+            ids,
+            context if isinstance(context, dict) else None,
+        )
+
+    def on_activity(
+        self, session: SessionState | None, activity: Activity
+    ) -> tuple[list[SessionEvent], SessionState | None]:
+        """The session events a call causes (in enqueue order, before the call) and the new state.
+
+        Opens a session when there is none; a call more than the timeout after the last
+        activity (in event time) closes the old session first and opens a new one; a call far
+        older than the session (historical data) leaves it alone.
+        """
+        timeout = self.idle_timeout_s
+        expires_at = activity.wall_time + timeout
+        if session is None:
+            opened = self._open(activity, expires_at)
+            return [SessionEvent("session_start", opened)], opened
+        if activity.event_time - session.last_activity > timeout:
+            opened = self._open(activity, expires_at)
+            return [
+                SessionEvent("session_end", session),
+                SessionEvent("session_start", opened),
+            ], opened
+        if activity.event_time < session.started_at - timeout:
+            return [], session
+        extended = replace(
+            session,
+            started_at=min(session.started_at, activity.event_time),
+            last_activity=max(session.last_activity, activity.event_time),
+            expires_at=max(session.expires_at, expires_at),
+            ids={**session.ids, **activity.ids},
+        )
+        return [], extended
+
+    @staticmethod
+    def _open(activity: Activity, expires_at: float) -> SessionState:
+        return SessionState(
+            user_key=activity.user_key,
+            source=activity.source,
+            started_at=activity.event_time,
+            last_activity=activity.event_time,
+            expires_at=expires_at,
+            ids=dict(activity.ids),
+            context=activity.context,
+        )
+
+
+def expired(session: SessionState, now: float) -> bool:
+    """Whether the idle timer closes `session` at wall-clock time `now`."""
+    return session.expires_at <= now

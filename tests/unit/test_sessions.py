@@ -1,0 +1,81 @@
+"""The pure session rules, with time passed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState, expired
+
+RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])
+
+
+def act(t: float, wall: float | None = None, **ids: Any) -> Activity:
+    return Activity(
+        "a1", "web", t, t if wall is None else wall, ids or {"anonymousId": "a1"}, {"ip": "1.2.3.4"}
+    )
+
+
+def kinds(events: list[SessionEvent]) -> list[str]:
+    return [e.kind for e in events]
+
+
+def test_which_calls_are_session_activity() -> None:
+    page = {"type": "page", "timestamp": "2024-03-01T12:00:00Z", "anonymousId": "a1"}
+    assert RULES.activity(page, "web", "a1", 0.0) is not None
+    assert (
+        RULES.activity({**page, "type": "track", "event": "Video Played"}, "web", "a1", 0.0)
+        is not None
+    )
+    assert RULES.activity({**page, "type": "track", "event": "Clicked"}, "web", "a1", 0.0) is None
+    assert RULES.activity({**page, "type": "identify"}, "web", "a1", 0.0) is None
+
+
+def test_open_extend_and_close_on_a_gap() -> None:
+    events, state = RULES.on_activity(None, act(1000.0))
+    assert kinds(events) == ["session_start"]
+    assert state is not None
+    assert (state.started_at, state.last_activity, state.expires_at) == (1000.0, 1000.0, 2800.0)
+    events, state = RULES.on_activity(state, act(2000.0))
+    assert events == []
+    assert state is not None
+    assert (state.started_at, state.last_activity, state.expires_at) == (1000.0, 2000.0, 3800.0)
+    # More than the timeout after the last activity: the old session ends, a new one starts.
+    events, new = RULES.on_activity(state, act(3801.0))
+    assert kinds(events) == ["session_end", "session_start"]
+    assert events[0].session == state
+    assert events[0].message()["properties"] == {"duration": 1000.0}
+    assert new is not None
+    assert new.started_at == 3801.0
+
+
+def test_a_late_event_within_the_session_extends_it_backwards() -> None:
+    _, state = RULES.on_activity(None, act(5000.0))
+    events, state = RULES.on_activity(state, act(4000.0, wall=5001.0))
+    assert events == []
+    assert state is not None
+    assert (state.started_at, state.last_activity) == (4000.0, 5000.0)
+
+
+def test_an_event_far_older_than_the_session_leaves_it_alone() -> None:
+    _, state = RULES.on_activity(None, act(10_000.0))
+    events, after = RULES.on_activity(state, act(1000.0, wall=10_001.0))
+    assert events == []
+    assert after == state
+
+
+def test_session_end_carries_the_ids_known_at_the_end_and_the_start_context() -> None:
+    _, state = RULES.on_activity(None, act(1000.0))
+    _, state = RULES.on_activity(state, act(1060.0, userId="u5", anonymousId="a1"))
+    assert state is not None
+    end = SessionEvent("session_end", state).message()
+    assert end["userId"] == "u5"
+    assert end["anonymousId"] == "a1"
+    assert end["timestamp"] == "1970-01-01T00:17:40.000Z"
+    assert end["context"] == {"ip": "1.2.3.4"}
+    assert end["properties"] == {"duration": 60.0}
+
+
+def test_expiry_is_on_the_wall_clock() -> None:
+    state = SessionState("a1", "web", 0.0, 0.0, expires_at=100.0, ids={}, context=None)
+    assert not expired(state, 99.9)
+    assert expired(state, 100.0)
