@@ -217,6 +217,7 @@ class RetryConfig:
     quick_max_s: float = _opt(_duration(0, 300), 2.0, "quick_max")
     backoff_initial_s: float = _opt(_duration(0, 3600), 5.0, "backoff_initial")
     backoff_max_s: float = _opt(_duration(0, 86400), 600.0, "backoff_max")
+    command_retry_s: float = _opt(_duration(0, 3600), 1.0, "command_retry")
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ class DestinationConfig:
     concurrency: int = _opt(_int(1, 64), 4)
     max_requests_per_second: float = _opt(_float(0.01, 10_000), 80.0)
     max_age_s: float = _opt(_duration(60, 365 * 86400), 7 * 86400.0, "max_age")
+    credentials_probe_s: float = _opt(_duration(0.01, 86400), 30.0, "credentials_probe")
     retry: RetryConfig = _sub(RetryConfig)
 
 

@@ -32,9 +32,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
-# A per-command `retry` is sent again soon, without counting an attempt.
-COMMAND_RETRY_DELAY_S = 1.0
-CREDENTIALS_PROBE_S = 30.0
+IDLE_POLL_S = 5.0
+Items = list[tuple[QueuedMessage, Command]]
 
 
 class Sender(Protocol):
@@ -131,6 +130,7 @@ class Forwarder:
         self._slot_free = asyncio.Event()
         self._next_send_at = 0.0
         self._crashed: BaseException | None = None
+        self._dispatching = asyncio.Lock()
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -143,17 +143,25 @@ class Forwarder:
         finally:
             await self.finish()
 
-    async def drain(self, timeout_s: float = 30.0) -> None:
-        """Forward until nothing is due and nothing is in flight (tests and --once runs)."""
+    async def drain(self, timeout_s: float = 30.0, *, until_empty: bool = True) -> None:
+        """Forward until the queue is empty (tests, one-shot runs); TimeoutError after `timeout_s`.
+
+        `until_empty=False` stops as soon as nothing is due and nothing is in flight, leaving
+        messages that wait for a retry.
+        """
         async with asyncio.timeout(timeout_s):
             while True:
                 wait_s = await self.dispatch()
-                if not self._tasks and not await self.store.due(self.clock(), (), 1):
-                    return
                 if self._tasks:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-                elif wait_s is not None:
-                    await asyncio.sleep(min(wait_s, 0.05))
+                    continue
+                if until_empty:
+                    if (await self.store.stats(self.clock())).pending == 0:
+                        return
+                elif not await self.store.due(self.clock(), (), 1):
+                    return
+                # Bounded wait for the next retry (a retry delay is on the wall clock).
+                await asyncio.sleep(min(wait_s if wait_s is not None else 0.01, 0.05))
 
     async def finish(self) -> None:
         """Let the batches in flight finish and write their outcomes."""
@@ -175,6 +183,12 @@ class Forwarder:
 
     async def dispatch(self) -> float | None:
         """Start as many batches as there are free slots; return how long to wait at most."""
+        # One dispatcher at a time (run() and a test's drain() may both call this): the
+        # claim, from reading due rows to marking their users busy, must not interleave.
+        async with self._dispatching:
+            return await self._dispatch()
+
+    async def _dispatch(self) -> float | None:
         if self._crashed is not None:
             raise self._crashed
         # Pauses and pacing run on the monotonic clock; `now` (wall clock, injectable) decides
@@ -200,9 +214,10 @@ class Forwarder:
             self._start(selection.batch)
         return None
 
-    async def _idle_wait(self, now: float) -> float | None:
+    async def _idle_wait(self, now: float) -> float:
+        # Bounded: rows replayed by the CLI (another process) arrive without a wake-up.
         next_retry = await self.store.next_retry_at()
-        return None if next_retry is None else max(0.0, next_retry - now)
+        return IDLE_POLL_S if next_retry is None else min(IDLE_POLL_S, max(0.0, next_retry - now))
 
     async def _expire(self, rows: list[QueuedMessage], now: float) -> list[QueuedMessage]:
         cutoff = now - self.config.max_age_s
@@ -266,7 +281,8 @@ class Forwarder:
             await self._send(to_send)
         self.state.last_progress = time.monotonic()
 
-    async def _send(self, items: list[tuple[QueuedMessage, Command]]) -> None:
+    async def _send(self, items: Items) -> set[str]:
+        """Send one batch and write its outcome; return the users with a message left queued."""
         retry = self.config.retry
         commands = [c for _, c in items]
         self.metrics.batch_size.observe(len(commands))
@@ -283,35 +299,43 @@ class Forwarder:
                     self.metrics.commands_sent.inc(len(commands))
                     results = await self.sender.send(commands)
         except TransientSendError as exc:
-            await self._backoff(items, exc)
-            return
+            return await self._backoff(items, exc)
         except CredentialsError as exc:
-            await self._credentials_refused(items, exc)
-            return
+            return await self._credentials_refused(items, exc)
         except PermanentSendError as exc:
-            await self._split(items, exc)
-            return
+            return await self._split(items, exc)
         self.state.credentials_error = None
-        await self._settle(items, results)
+        return await self._settle(items, results)
 
-    async def _settle(
-        self, items: list[tuple[QueuedMessage, Command]], results: list[CommandResult]
-    ) -> None:
+    async def _settle(self, items: Items, results: list[CommandResult]) -> set[str]:
         now = self.clock()
         acked: list[int] = []
         retry: list[tuple[int, float, str, bool]] = []
         dead: list[tuple[QueuedMessage, Failure]] = []
+        held: set[str] = set()
+        order_lost = 0
         for (row, _), result in zip(items, results, strict=True):
             if result.outcome is Outcome.OK:
                 acked.append(row.seq)
+                # The destination took this one after asking to retry an earlier one of the
+                # same user: that user's order is lost (never for customer updates, which
+                # are not batched with their user's later commands).
+                order_lost += row.user_key in held
             elif result.outcome is Outcome.RETRY:
+                held.add(row.user_key)
                 retry.append(
-                    (row.seq, now + COMMAND_RETRY_DELAY_S, "destination asked to retry", False)
+                    (
+                        row.seq,
+                        now + self.config.retry.command_retry_s,
+                        "destination asked to retry",
+                        False,
+                    )
                 )
             else:
                 detail = "; ".join(result.errors) or "refused by the destination"
                 dead.append((row, Failure("rejected", detail)))
         self.metrics.commands_acked.inc(len(acked))
+        self.metrics.order_lost.inc(order_lost)
         if retry:
             self.metrics.commands_retried.labels("command_retry").inc(len(retry))
         await self._write(acked=acked, retry=retry, dead=dead, now=now)
@@ -322,45 +346,50 @@ class Forwarder:
             len(dead),
             extra={"action": "batch_sent"},
         )
+        return held
 
-    async def _backoff(
-        self, items: list[tuple[QueuedMessage, Command]], exc: TransientSendError
-    ) -> None:
+    async def _backoff(self, items: Items, exc: TransientSendError) -> set[str]:
         now = self.clock()
         if exc.retry_after_s is not None:
             # The limit is per client address: every lane waits, not only this batch.
             self.state.paused_until = max(
                 self.state.paused_until, time.monotonic() + exc.retry_after_s
             )
-        rows = [row for row, _ in items]
         retry = []
-        for row in rows:
+        for row, _ in items:
             delay = durable_delay(row.attempts + 1, self.config.retry)
             if exc.retry_after_s is not None:
                 delay = max(delay, exc.retry_after_s)
             retry.append((row.seq, now + delay, cut(str(exc), 500), True))
         self.metrics.commands_retried.labels("transient").inc(len(retry))
         log.warning(
-            "batch of %d to be retried: %s", len(rows), exc, extra={"action": "batch_retry"}
+            "batch of %d to be retried: %s", len(items), exc, extra={"action": "batch_retry"}
         )
         await self._write(retry=retry, now=now)
+        return {row.user_key for row, _ in items}
 
-    async def _credentials_refused(
-        self, items: list[tuple[QueuedMessage, Command]], exc: CredentialsError
-    ) -> None:
+    async def _credentials_refused(self, items: Items, exc: CredentialsError) -> set[str]:
         now = self.clock()
+        probe_s = self.config.credentials_probe_s
         self.state.credentials_error = str(exc)
-        self.state.paused_until = time.monotonic() + CREDENTIALS_PROBE_S
-        log.error("forwarding paused: %s", exc, extra={"action": "credentials_refused"})
-        retry = [
-            (row.seq, now + CREDENTIALS_PROBE_S, cut(str(exc), 500), False) for row, _ in items
-        ]
-        await self._write(retry=retry, now=now)
+        self.state.paused_until = time.monotonic() + probe_s
+        log.error(
+            "forwarding paused for %gs: %s", probe_s, exc, extra={"action": "credentials_refused"}
+        )
+        # Not an attempt: nothing is wrong with the messages.
+        await self._hold(items, now + probe_s, str(exc))
+        return {row.user_key for row, _ in items}
 
-    async def _split(
-        self, items: list[tuple[QueuedMessage, Command]], exc: PermanentSendError
-    ) -> None:
-        """A 4xx for the whole request: halve the batch until the bad commands stand alone."""
+    async def _hold(self, items: Items, until: float, reason: str) -> None:
+        retry = [(row.seq, until, cut(reason, 500), False) for row, _ in items]
+        await self._write(retry=retry, now=self.clock())
+
+    async def _split(self, items: Items, exc: PermanentSendError) -> set[str]:
+        """A 4xx for the whole request: halve the batch until the bad commands stand alone.
+
+        The halves go in order; a user with a message left queued by the first half has its
+        messages in the second half held back too, so per-user order holds.
+        """
         if len(items) == 1:
             row, _ = items[0]
             failure = Failure("refused", str(exc), exc.status, exc.body)
@@ -368,10 +397,14 @@ class Forwarder:
                 "message %s dead-lettered: %s", row.message_id, exc, extra={"action": "dead_letter"}
             )
             await self._write(dead=[(row, failure)], now=self.clock())
-            return
+            return set()
         middle = len(items) // 2
-        await self._send(items[:middle])
-        await self._send(items[middle:])
+        held = await self._send(items[:middle])
+        rest = [item for item in items[middle:] if item[0].user_key not in held]
+        waiting = [item for item in items[middle:] if item[0].user_key in held]
+        if waiting:
+            await self._hold(waiting, self.clock(), "held behind an earlier message of its user")
+        return held | await self._send(rest) if rest else held
 
     async def _write(
         self,
@@ -385,9 +418,16 @@ class Forwarder:
         """Write outcomes so that cancellation cannot lose them (style.md 7)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
-        task = asyncio.ensure_future(
-            self.store.settle(acked=acked, retry=retry, dead=dead, names=names, now=now)
+        counters = {"delivered": len(acked), "retried": len(retry), "dead_lettered": len(dead)}
+        settle = self.store.settle(
+            acked=acked,
+            retry=retry,
+            dead=dead,
+            names=names,
+            now=now,
+            counters={k: v for k, v in counters.items() if v},
         )
+        task = asyncio.ensure_future(settle)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -59,6 +59,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.order_lost = Counter(
+            "segment_relay_order_lost",
+            "Commands the destination accepted after asking to retry an earlier one of their user",
+            registry=r,
+        )
         self.messages_skipped = Counter(
             "segment_relay_messages_skipped",
             "Messages the mapping skips by design, by reason",

@@ -1,4 +1,4 @@
-"""The SQLite queue: the only module that speaks SQL.
+"""The SQLite queue: the only module that runs SQL (kept by name in `sql/queries.sql`).
 
 Accepted calls are committed here before the receiver answers 200. Concurrent requests share
 one transaction (group commit: whatever is pending is committed as soon as the previous commit
@@ -13,8 +13,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,35 +28,21 @@ from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
 from .sessions import SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
-
-_INSERT = """
-INSERT INTO messages (source, message_id, user_key, type, body, received_at)
-SELECT :source, :message_id, :user_key, :type, :body, :received_at
-WHERE NOT EXISTS (
-    SELECT 1 FROM dedup
-    WHERE source = :source AND message_id = :message_id AND received_at >= :dedup_since
-)
-"""
-_DUE = """
-SELECT {columns} FROM messages AS m
-WHERE m.next_attempt_at <= :now
-  AND m.user_key NOT IN (SELECT value FROM json_each(:busy))
-  AND NOT EXISTS (
-      SELECT 1 FROM messages AS earlier
-      WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
-        AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > :now
-  )
-ORDER BY m.seq
-LIMIT :limit
-"""
-_ROW_COLUMNS = (
-    "seq, source, message_id, user_key, type, body, received_at, attempts, "
-    "next_attempt_at, first_attempt_at, last_error"
-)
-_DUE = _DUE.format(columns=", ".join(f"m.{c.strip()}" for c in _ROW_COLUMNS.split(",")))
+Group = tuple[list[NewMessage], "asyncio.Future[int]"]
 
 
-_SESSION_COLUMNS = "user_key, source, started_at, last_activity, expires_at, ids, context"
+def _load_queries() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("sql/queries.sql").read_text("utf-8")
+    parts = re.split(r"^-- name: (\w+)\n", text, flags=re.MULTILINE)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+Q = _load_queries()
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
 
 
 def _session_from_row(row: Sequence[Any]) -> SessionState:
@@ -68,11 +55,6 @@ def _session_from_row(row: Sequence[Any]) -> SessionState:
         ids=orjson.loads(row[5]),
         context=None if row[6] is None else orjson.loads(row[6]),
     )
-
-
-def _is_full(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
 
 
 class _LockFile:
@@ -99,6 +81,29 @@ class _LockFile:
             self._fd = None
 
 
+async def _connect(db_path: Path, synchronous: str) -> tuple[aiosqlite.Connection, int]:
+    """Open the database, apply the schema, count the queue; StoreError if it is unusable."""
+    try:
+        conn = await aiosqlite.connect(db_path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the queue {db_path}: {exc}") from exc
+    try:
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        schema = resources.files(__package__).joinpath("sql/schema.sql").read_text("utf-8")
+        await conn.executescript(schema)
+        await conn.commit()
+        [(pending,)] = await conn.execute_fetchall(Q["count_messages"])
+    except sqlite3.DatabaseError as exc:
+        await conn.close()
+        raise StoreError(
+            f"the queue {db_path} is not a usable SQLite database ({exc}); "
+            "move it aside to start with an empty queue, or restore it from a backup"
+        ) from exc
+    return conn, int(pending)
+
+
 class Store:
     """The durable queue. Open with `await Store.open(...)`, close with `await store.close()`."""
 
@@ -113,13 +118,13 @@ class Store:
         sessions: SessionRules | None = None,
     ) -> None:
         self._conn = conn
-        self._rules = sessions
         self._lock = lock
+        self._rules = sessions
         self._dedup_window_s = dedup_window_s
         self._max_pending = max_pending
         self._pending_count = pending
         self._write_lock = asyncio.Lock()
-        self._queue: list[tuple[list[NewMessage], asyncio.Future[int]]] = []
+        self._queue: list[Group] = []
         self._queued = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
@@ -141,7 +146,7 @@ class Store:
         exclusive: bool = True,
         sessions: SessionRules | None = None,
     ) -> Store:
-        """Open (creating when missing) the queue at `path`.
+        """Open (creating it and its directory when missing) the queue at `path`.
 
         `exclusive` takes the daemon's lock: a second process that asks for it gets StoreError.
         Raises StoreError when the file is not a usable database.
@@ -157,36 +162,17 @@ class Store:
         if lock:
             lock.acquire()
         try:
-            conn = await aiosqlite.connect(db_path)
-        except sqlite3.Error as exc:
+            conn, pending = await _connect(db_path, synchronous)
+        except StoreError:
             if lock:
                 lock.release()
-            raise StoreError(f"cannot open the queue {db_path}: {exc}") from exc
-        try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute(
-                f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}"
-            )
-            await conn.execute("PRAGMA busy_timeout=5000")
-            schema = resources.files(__package__).joinpath("sql/schema.sql").read_text("utf-8")
-            await conn.executescript(schema)
-            await conn.commit()
-            async with conn.execute("SELECT COUNT(*) FROM messages") as cursor:
-                row = await cursor.fetchone()
-        except sqlite3.DatabaseError as exc:
-            await conn.close()
-            if lock:
-                lock.release()
-            raise StoreError(
-                f"the queue {db_path} is not a usable SQLite database ({exc}); "
-                "move it aside to start with an empty queue, or restore it from a backup"
-            ) from exc
+            raise
         store = cls(
             conn,
             lock,
             dedup_window_s=dedup_window_s,
             max_pending=max_pending,
-            pending=int(row[0]) if row else 0,
+            pending=pending,
             sessions=sessions,
         )
         store._committer = asyncio.create_task(store._commit_loop(), name="store-group-commit")
@@ -202,6 +188,22 @@ class Store:
         await self._conn.close()
         if self._lock:
             self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time: committed on exit, rolled back on an error."""
+        async with self._write_lock:
+            try:
+                yield self._conn
+                await self._conn.commit()
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.rollback()
+                raise
+
+    async def _one(self, query: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        rows = list(await self._conn.execute_fetchall(Q[query], params))
+        return rows[0] if rows else None
 
     # --- ingest: group commit -------------------------------------------------------------------
 
@@ -234,28 +236,23 @@ class Store:
             if self._closing and not self._queue:
                 return
 
-    async def _commit_groups(
-        self, groups: list[tuple[list[NewMessage], asyncio.Future[int]]]
-    ) -> None:
+    async def _commit_groups(self, groups: list[Group]) -> None:
         counts: list[int] = []
         try:
-            async with self._write_lock:
+            async with self._transaction() as conn:
                 expanded = await self._apply_sessions(groups)
                 # Each request's messages go in one executemany, so its stored count is known;
                 # all of them share the one commit.
                 for rows, session_rows in expanded:
                     params = [m.params(self._dedup_window_s) for m in rows]
-                    cursor = await self._conn.executemany(_INSERT, params)
+                    cursor = await conn.executemany(Q["insert_message"], params)
                     # rowcount counts the messages inserted, not the dedup rows of the trigger;
                     # the session events inserted with them are not the client's messages.
                     counts.append(max(cursor.rowcount, 0) - session_rows)
-                await self._conn.commit()
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
-            await self._rollback()
-            full = isinstance(exc, sqlite3.Error) and _is_full(exc)
             error = (
                 StoreFullError(f"the queue database is full: {exc}")
-                if full
+                if _is_full(exc)
                 else StoreError(str(exc))
             )
             log.error(  # noqa: TRY400 - a full disk needs no traceback
@@ -276,9 +273,7 @@ class Store:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def _apply_sessions(
-        self, groups: list[tuple[list[NewMessage], asyncio.Future[int]]]
-    ) -> list[tuple[list[NewMessage], int]]:
+    async def _apply_sessions(self, groups: list[Group]) -> list[tuple[list[NewMessage], int]]:
         """Each group's rows with the session events they cause, and how many those are.
 
         Runs inside the commit's transaction: the session rows are written with the calls.
@@ -287,25 +282,24 @@ class Store:
         plain = [(messages, 0) for messages, _ in groups]
         if rules is None:
             return plain
-        activities = [
-            (m, a)
+        activities = {
+            id(m): a
             for messages, _ in groups
             for m in messages
             if m.message is not None
             and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
-        ]
+        }
         if not activities:
             return plain
-        seen = await self._already_accepted([m for m, _ in activities])
-        states = await self._sessions_of({a.user_key for _, a in activities})
-        by_message = {id(m): a for m, a in activities}
+        candidates = [m for messages, _ in groups for m in messages if id(m) in activities]
+        seen = await self._already_accepted(candidates)
+        states = await self._sessions_of({a.user_key for a in activities.values()})
         changed: dict[str, SessionState] = {}
-        opened = False
         expanded: list[tuple[list[NewMessage], int]] = []
         for messages, _ in groups:
             rows: list[NewMessage] = []
             for message in messages:
-                activity = by_message.get(id(message))
+                activity = activities.get(id(message))
                 key = (message.source, message.message_id)
                 if activity is not None and key not in seen:
                     seen.add(key)
@@ -313,11 +307,16 @@ class Store:
                     if state is not None:
                         states[activity.user_key] = changed[activity.user_key] = state
                     rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
-                    opened = opened or any(e.kind == "session_start" for e in events)
                 rows.append(message)
             expanded.append((rows, len(rows) - len(messages)))
-        await self._save_sessions(changed.values())
-        if opened:
+        saved = [
+            (s.user_key, s.source, s.started_at, s.last_activity, s.expires_at,
+             orjson.dumps(s.ids), None if s.context is None else orjson.dumps(s.context))
+            for s in changed.values()
+        ]  # fmt: skip
+        if saved:
+            await self._conn.executemany(Q["save_session"], saved)
+        if any(n for _, n in expanded):
             self.sessions_changed.set()
         return expanded
 
@@ -325,91 +324,43 @@ class Store:
         """(source, messageId) of these messages already accepted within the dedup window."""
         pairs = orjson.dumps([[m.source, m.message_id] for m in messages]).decode()
         since = min(m.received_at for m in messages) - self._dedup_window_s
-        async with self._conn.execute(
-            "SELECT d.source, d.message_id FROM json_each(?) AS j JOIN dedup AS d "
-            "ON d.source = json_extract(j.value, '$[0]') "
-            "AND d.message_id = json_extract(j.value, '$[1]') "
-            "WHERE d.received_at >= ?",
-            (pairs, since),
-        ) as cursor:
-            return {(str(r[0]), str(r[1])) for r in await cursor.fetchall()}
+        rows = await self._conn.execute_fetchall(
+            Q["accepted_ids"], {"pairs": pairs, "since": since}
+        )
+        return {(str(r[0]), str(r[1])) for r in rows}
 
     async def _sessions_of(self, users: set[str]) -> dict[str, SessionState]:
-        async with self._conn.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions "
-            "WHERE user_key IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(sorted(users)).decode(),),
-        ) as cursor:
-            return {r[0]: _session_from_row(r) for r in await cursor.fetchall()}
-
-    async def _save_sessions(self, states: Iterable[SessionState]) -> None:
-        rows = [
-            (
-                s.user_key,
-                s.source,
-                s.started_at,
-                s.last_activity,
-                s.expires_at,
-                orjson.dumps(s.ids),
-                None if s.context is None else orjson.dumps(s.context),
-            )
-            for s in states
-        ]
-        if rows:
-            await self._conn.executemany(
-                f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        users_json = orjson.dumps(sorted(users)).decode()
+        rows = await self._conn.execute_fetchall(Q["sessions_of"], (users_json,))
+        return {r[0]: _session_from_row(r) for r in rows}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
         """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.
 
         Their session_end events are enqueued in the same transaction that deletes them.
         """
-        async with self._write_lock:
-            try:
-                async with self._conn.execute(
-                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE expires_at <= ? "
-                    "ORDER BY expires_at LIMIT ?",
-                    (now, limit),
-                ) as cursor:
-                    due = [_session_from_row(r) for r in await cursor.fetchall()]
-                if not due:
-                    return 0
-                rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
-                await self._conn.executemany(
-                    _INSERT, [m.params(self._dedup_window_s) for m in rows]
-                )
-                await self._conn.executemany(
-                    "DELETE FROM sessions WHERE user_key = ?", [(s.user_key,) for s in due]
-                )
-                await self._conn.commit()
-            except sqlite3.Error:
-                await self._rollback()
-                raise
+        async with self._transaction() as conn:
+            found = await conn.execute_fetchall(Q["expired_sessions"], (now, limit))
+            due = [_session_from_row(r) for r in found]
+            if not due:
+                return 0
+            rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
+            await conn.executemany(
+                Q["insert_message"], [m.params(self._dedup_window_s) for m in rows]
+            )
+            await conn.executemany(Q["delete_session"], [(s.user_key,) for s in due])
         self._pending_count += len(due)
         self.new_work.set()
         return len(due)
 
     async def session_stats(self) -> tuple[int, float | None]:
         """Open sessions and the earliest wall-clock expiry among them."""
-        async with self._conn.execute("SELECT COUNT(*), MIN(expires_at) FROM sessions") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0]), None if row[1] is None else float(row[1])
+        count, earliest = await self._one("session_stats")
+        return int(count), None if earliest is None else float(earliest)
 
     async def next_session_expiry(self) -> float | None:
         """The earliest wall-clock expiry of an open session, or None."""
-        async with self._conn.execute(
-            "SELECT expires_at FROM sessions ORDER BY expires_at LIMIT 1"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else float(row[0])
-
-    async def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            await self._conn.rollback()
+        return (await self.session_stats())[1]
 
     # --- forwarding -----------------------------------------------------------------------------
 
@@ -419,18 +370,16 @@ class Store:
         A message is due when its retry time has come, no earlier message of its user waits
         for a retry, and its user is not in `busy_users` (users with a batch in flight).
         """
-        async with self._conn.execute(
-            _DUE, {"now": now, "busy": orjson.dumps(list(busy_users)).decode(), "limit": limit}
-        ) as cursor:
-            return [QueuedMessage.from_row(r) for r in await cursor.fetchall()]
+        busy = orjson.dumps(list(busy_users)).decode()
+        rows = await self._conn.execute_fetchall(
+            Q["due_messages"], {"now": now, "busy": busy, "limit": limit}
+        )
+        return [QueuedMessage.from_row(r) for r in rows]
 
     async def next_retry_at(self) -> float | None:
         """When the earliest message in backoff becomes due, or None."""
-        async with self._conn.execute(
-            "SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        (earliest,) = await self._one("next_retry_at")
+        return None if earliest is None else float(earliest)
 
     async def settle(
         self,
@@ -450,70 +399,32 @@ class Store:
         same transaction.
         """
         acked_rows = [(s,) for s in acked]
-        retry_rows = [
-            (next_at, error, int(counts), now, seq) for seq, next_at, error, counts in retry
-        ]
-        dead_rows = list(dead)
-        name_rows = list(names)
-        async with self._write_lock:
-            try:
-                if acked_rows:
-                    await self._conn.executemany("DELETE FROM messages WHERE seq = ?", acked_rows)
-                if retry_rows:
-                    await self._conn.executemany(
-                        "UPDATE messages SET next_attempt_at = ?, last_error = ?, "
-                        "attempts = attempts + ?, first_attempt_at = COALESCE(first_attempt_at, ?) "
-                        "WHERE seq = ?",
-                        retry_rows,
-                    )
-                if dead_rows:
-                    await self._insert_dead(dead_rows, now)
-                if name_rows:
-                    await self._conn.executemany(
-                        "INSERT OR IGNORE INTO project_names (kind, name) VALUES (?, ?)", name_rows
-                    )
-                if counters:
-                    await self._conn.executemany(
-                        "INSERT INTO counters (name, value) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                        list(counters.items()),
-                    )
-                await self._conn.commit()
-            except sqlite3.Error:
-                await self._rollback()
-                raise
+        retry_rows = [(at, error, int(counts), now, seq) for seq, at, error, counts in retry]
+        dead_rows = [
+            (m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, f.reason,
+             f.detail, f.response_status, f.response_body, m.attempts + 1,
+             m.first_attempt_at if m.first_attempt_at is not None else now, now)
+            for m, f in dead
+        ]  # fmt: skip
+        async with self._transaction() as conn:
+            # Each statement is a hop to the SQLite thread: skip the ones with nothing to do.
+            for query, rows in (
+                ("ack", acked_rows + [(row[0],) for row in dead_rows]),
+                ("reschedule", retry_rows),
+                ("insert_dead_letter", dead_rows),
+                ("add_project_name", list(names)),
+                ("add_counter", list((counters or {}).items())),
+            ):
+                if rows:
+                    await conn.executemany(Q[query], rows)
         self._pending_count -= len(acked_rows) + len(dead_rows)
 
-    async def _insert_dead(self, rows: list[tuple[QueuedMessage, Failure]], now: float) -> None:
-        await self._conn.executemany(
-            "INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, "
-            "reason, detail, response_status, response_body, attempts, first_attempt_at, "
-            "last_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    m.seq,
-                    m.source,
-                    m.message_id,
-                    m.user_key,
-                    m.type,
-                    m.body,
-                    m.received_at,
-                    f.reason,
-                    f.detail,
-                    f.response_status,
-                    f.response_body,
-                    m.attempts + 1,
-                    m.first_attempt_at if m.first_attempt_at is not None else now,
-                    now,
-                )
-                for m, f in rows
-            ],
-        )
-        await self._conn.executemany(
-            "DELETE FROM messages WHERE seq = ?", [(m.seq,) for m, _ in rows]
-        )
+    async def project_names(self) -> list[tuple[str, str]]:
+        """(kind, name) of every event type and customer property key sent to the project."""
+        rows = await self._conn.execute_fetchall(Q["project_names"])
+        return [(str(r[0]), str(r[1])) for r in rows]
 
-    # --- inspection -----------------------------------------------------------------------------
+    # --- inspection and administration ----------------------------------------------------------
 
     @property
     def pending_count(self) -> int:
@@ -522,39 +433,52 @@ class Store:
 
     async def stats(self, now: float) -> QueueStats:
         """Queue depth, backoff, oldest message, dead letters by reason, persistent counters."""
-        async with self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(next_attempt_at > ?), 0), MIN(received_at) "
-            "FROM messages",
-            (now,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        async with self._conn.execute(
-            "SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason"
-        ) as cursor:
-            dead = {str(r[0]): int(r[1]) for r in await cursor.fetchall()}
-        async with self._conn.execute("SELECT name, value FROM counters") as cursor:
-            counters = {str(r[0]): int(r[1]) for r in await cursor.fetchall()}
-        return QueueStats(int(row[0]), int(row[1]), row[2], dead, counters)
+        pending, in_backoff, oldest = await self._one("queue_stats", (now,))
+        dead = await self._conn.execute_fetchall(Q["dead_letter_counts"])
+        counters = await self._conn.execute_fetchall(Q["counters"])
+        return QueueStats(
+            int(pending),
+            int(in_backoff),
+            oldest,
+            {str(r[0]): int(r[1]) for r in dead},
+            {str(r[0]): int(r[1]) for r in counters},
+        )
 
-    async def dead_letters(self, limit: int = 100, reason: str | None = None) -> list[DeadLetter]:
-        """Dead letters, oldest first, optionally only those with `reason`."""
-        where, args = ("WHERE reason = ?", (reason, limit)) if reason else ("", (limit,))
-        async with self._conn.execute(
-            f"SELECT * FROM dead_letters {where} ORDER BY id LIMIT ?", args
-        ) as cursor:
-            return [DeadLetter.from_row(r) for r in await cursor.fetchall()]
+    async def dead_letters(
+        self, limit: int = 100, reason: str | None = None, after: int = 0
+    ) -> list[DeadLetter]:
+        """Dead letters with id > `after`, oldest first, optionally only those with `reason`."""
+        rows = await self._conn.execute_fetchall(
+            Q["dead_letters"], {"reason": reason, "after": after, "limit": limit}
+        )
+        return [DeadLetter.from_row(r) for r in rows]
 
-    async def project_names(self) -> list[tuple[str, str]]:
-        """(kind, name) of every event type and customer property key sent to the project."""
-        async with self._conn.execute("SELECT kind, name FROM project_names") as cursor:
-            return [(str(r[0]), str(r[1])) for r in await cursor.fetchall()]
+    async def dead_letter(self, dead_id: int) -> DeadLetter | None:
+        """One dead letter by id, or None."""
+        row = await self._one("dead_letter", (dead_id,))
+        return None if row is None else DeadLetter.from_row(row)
+
+    async def replay(self, dead_ids: Iterable[int], now: float) -> int:
+        """Move dead letters back to the queue in their original order; return how many."""
+        ids = [(i,) for i in dead_ids]
+        async with self._transaction() as conn:
+            cursor = await conn.executemany(
+                Q["replay_message"], [{"id": i, "now": now} for (i,) in ids]
+            )
+            moved = max(cursor.rowcount, 0)
+            await conn.executemany(Q["delete_dead_letter"], ids)
+        self._pending_count += moved
+        self.new_work.set()
+        return moved
+
+    async def purge_dead_letters(self, older_than: float) -> int:
+        """Delete dead letters whose last attempt is before `older_than`; return how many."""
+        async with self._transaction() as conn:
+            cursor = await conn.execute(Q["purge_dead_letters"], (older_than,))
+        return max(cursor.rowcount, 0)
 
     async def prune_dedup(self, now: float) -> int:
         """Forget messageIds older than the dedup window; return how many were forgotten."""
-        async with self._write_lock:
-            cursor = await self._conn.execute(
-                "DELETE FROM dedup WHERE received_at < ?", (now - self._dedup_window_s,)
-            )
-            await self._conn.commit()
-        return cursor.rowcount
+        async with self._transaction() as conn:
+            cursor = await conn.execute(Q["prune_dedup"], (now - self._dedup_window_s,))
+        return max(cursor.rowcount, 0)

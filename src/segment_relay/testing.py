@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ class Reply:
 
     `status` other than 200 answers the whole request (with `body` and `headers`);
     `commands` gives per-command statuses by position (`ok`, `retry`, `error`), the rest `ok`.
+    `drop` closes the connection after `delay_s` without processing the request, as a server
+    that stalled or reset would (the client sees a timeout or a reset).
     """
 
     status: int = 200
@@ -36,6 +39,7 @@ class Reply:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
+    drop: bool = False
 
 
 @dataclass
@@ -47,6 +51,8 @@ class Received:
     commands: list[dict[str, Any]]
     reply_status: int
     results: list[dict[str, Any]]
+    # time.monotonic() when the fake answered (or dropped) the request.
+    at: float = 0.0
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -150,12 +156,14 @@ class FakeInfinario:
 
     async def _v2(self, request: web.Request) -> web.StreamResponse:
         if request.match_info["token"] != self.token:
-            return web.json_response({"success": False, "message": "project not found"}, status=404)
+            return await self._refuse(request, 404, "project not found")
         if not self._authorized(request.headers.get("Authorization", "")):
-            return web.json_response(
-                {"success": False, "message": "invalid credentials"}, status=401
-            )
+            return await self._refuse(request, 401, "invalid credentials")
         return await self._handle(request, v2_problems, legacy=False)
+
+    async def _refuse(self, request: web.Request, status: int, message: str) -> web.StreamResponse:
+        await self._record(Received(request.path, dict(request.headers), [], status, []), [])
+        return web.json_response({"success": False, "message": message}, status=status)
 
     def _authorized(self, header: str) -> bool:
         if self.api_secret:
@@ -186,6 +194,12 @@ class FakeInfinario:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         headers = dict(request.headers)
+        if reply.drop:
+            await self._record(Received(request.path, headers, commands, 0, []), [])
+            if request.transport is not None:
+                request.transport.close()
+            # Nothing reaches the client: its transport is closed.
+            return web.Response(status=500)
         if reply.status != 200:
             body = (
                 reply.body
@@ -221,6 +235,7 @@ class FakeInfinario:
         return {"success": False, "errors": problems}
 
     async def _record(self, received: Received, accepted: list[dict[str, Any]]) -> None:
+        received.at = time.monotonic()
         async with self._changed:
             self.requests.append(received)
             self.accepted.extend(accepted)

@@ -1,0 +1,121 @@
+-- segment-relay queries, loaded by name by store.py (the only module that runs them).
+-- Each query starts with a line "-- name: NAME".
+
+-- name: insert_message
+-- A message is stored unless its messageId was accepted from the same source within the
+-- dedup window (the trigger messages_dedup records it).
+INSERT INTO messages (source, message_id, user_key, type, body, received_at)
+SELECT :source, :message_id, :user_key, :type, :body, :received_at
+WHERE NOT EXISTS (
+    SELECT 1 FROM dedup
+    WHERE source = :source AND message_id = :message_id AND received_at >= :dedup_since
+);
+
+-- name: count_messages
+SELECT COUNT(*) FROM messages;
+
+-- name: due_messages
+-- Due: its retry time has come, no earlier message of its user waits for a retry, and its
+-- user has no batch in flight (:busy, a JSON array of user keys).
+SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, m.attempts,
+       m.next_attempt_at, m.first_attempt_at, m.last_error
+FROM messages AS m
+WHERE m.next_attempt_at <= :now
+  AND m.user_key NOT IN (SELECT value FROM json_each(:busy))
+  AND NOT EXISTS (
+      SELECT 1 FROM messages AS earlier
+      WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
+        AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > :now
+  )
+ORDER BY m.seq
+LIMIT :limit;
+
+-- name: next_retry_at
+SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0;
+
+-- name: ack
+DELETE FROM messages WHERE seq = ?;
+
+-- name: reschedule
+UPDATE messages
+SET next_attempt_at = ?, last_error = ?, attempts = attempts + ?,
+    first_attempt_at = COALESCE(first_attempt_at, ?)
+WHERE seq = ?;
+
+-- name: insert_dead_letter
+INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, reason,
+                          detail, response_status, response_body, attempts, first_attempt_at,
+                          last_attempt_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: add_counter
+INSERT INTO counters (name, value) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+
+-- name: add_project_name
+INSERT OR IGNORE INTO project_names (kind, name) VALUES (?, ?);
+
+-- name: project_names
+SELECT kind, name FROM project_names;
+
+-- name: accepted_ids
+-- (source, messageId) pairs from :pairs (a JSON array) accepted within the dedup window.
+SELECT d.source, d.message_id
+FROM json_each(:pairs) AS j
+JOIN dedup AS d
+  ON d.source = json_extract(j.value, '$[0]') AND d.message_id = json_extract(j.value, '$[1]')
+WHERE d.received_at >= :since;
+
+-- name: prune_dedup
+DELETE FROM dedup WHERE received_at < ?;
+
+-- name: sessions_of
+SELECT user_key, source, started_at, last_activity, expires_at, ids, context
+FROM sessions WHERE user_key IN (SELECT value FROM json_each(?));
+
+-- name: save_session
+INSERT OR REPLACE INTO sessions (user_key, source, started_at, last_activity, expires_at, ids, context)
+VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: expired_sessions
+SELECT user_key, source, started_at, last_activity, expires_at, ids, context
+FROM sessions WHERE expires_at <= ? ORDER BY expires_at LIMIT ?;
+
+-- name: delete_session
+DELETE FROM sessions WHERE user_key = ?;
+
+-- name: session_stats
+SELECT COUNT(*), MIN(expires_at) FROM sessions;
+
+-- name: queue_stats
+SELECT COUNT(*), COALESCE(SUM(next_attempt_at > ?), 0), MIN(received_at) FROM messages;
+
+-- name: dead_letter_counts
+SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason;
+
+-- name: counters
+SELECT name, value FROM counters;
+
+-- name: dead_letters
+SELECT id, seq, source, message_id, user_key, type, body, received_at, reason, detail,
+       response_status, response_body, attempts, first_attempt_at, last_attempt_at
+FROM dead_letters
+WHERE (:reason IS NULL OR reason = :reason) AND id > :after
+ORDER BY id LIMIT :limit;
+
+-- name: dead_letter
+SELECT id, seq, source, message_id, user_key, type, body, received_at, reason, detail,
+       response_status, response_body, attempts, first_attempt_at, last_attempt_at
+FROM dead_letters WHERE id = ?;
+
+-- name: replay_message
+-- A replayed dead letter goes back under its original seq (never reused: AUTOINCREMENT), so
+-- it keeps its place in its user's order; its attempts and its max_age clock start again.
+INSERT INTO messages (seq, source, message_id, user_key, type, body, received_at)
+SELECT seq, source, message_id, user_key, type, body, :now FROM dead_letters WHERE id = :id;
+
+-- name: delete_dead_letter
+DELETE FROM dead_letters WHERE id = ?;
+
+-- name: purge_dead_letters
+DELETE FROM dead_letters WHERE last_attempt_at < ?;

@@ -1,0 +1,81 @@
+"""`segment-relay dead-letters` and `status` on a real queue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from segment_relay.service import FORWARDER
+from segment_relay.testing import FakeInfinario, Reply
+from support import make_config, post, run_cli, running_fake, running_relay, write_config
+
+pytestmark = pytest.mark.acceptance
+
+
+def track(n: int, user: str = "u1") -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": user,
+        "event": f"e{n}",
+        "messageId": f"m{n}",
+        "timestamp": "2024-03-01T12:00:00Z",
+    }
+
+
+async def test_list_show_replay_and_purge(tmp_path: Path) -> None:
+    fake = FakeInfinario()
+    fake.script.append(Reply(commands=["error", "ok", "error"]))
+    queue = tmp_path / "q.db"
+    async with running_fake(fake) as (_, api):
+        config = make_config(queue, api.url)
+        config_path = write_config(tmp_path / "relay.yaml", queue, api.url)
+        async with running_relay(config) as relay:
+            assert (
+                await post(
+                    relay.url, "/v1/batch", {"batch": [track(1, "a"), track(2, "b"), track(3, "c")]}
+                )
+            )[0] == 200
+            await relay.app[FORWARDER].drain()
+
+        code, out, err = await run_cli("dead-letters", "list", "--config", str(config_path))
+        assert code == 0, err
+        lines = [line.split("\t") for line in out.splitlines()]
+        assert [(f[2], f[3], f[4]) for f in lines] == [
+            ("rejected", "track", "m1"),
+            ("rejected", "track", "m3"),
+        ]
+
+        code, out, _ = await run_cli(
+            "dead-letters", "show", lines[0][0], "--config", str(config_path)
+        )
+        shown = json.loads(out)
+        assert (shown["message_id"], shown["detail"], shown["body"]["event"]) == (
+            "m1",
+            "scripted error",
+            "e1",
+        )
+
+        code, out, _ = await run_cli("status", "--config", str(config_path), "--json")
+        status = json.loads(out)
+        assert (status["pending"], status["dead_letters"]) == (0, {"rejected": 2})
+        assert status["counters"] == {"delivered": 1, "dead_lettered": 2}
+
+        code, out, _ = await run_cli(
+            "dead-letters", "replay", lines[0][0], "--config", str(config_path)
+        )
+        assert (code, out.strip()) == (0, "replayed 1 dead letters")
+        async with running_relay(config) as relay:
+            await relay.app[FORWARDER].drain()
+        assert [c["data"]["type"] for c in fake.accepted] == ["e2", "e1"]
+
+        code, out, _ = await run_cli(
+            "dead-letters", "purge", "--older-than", "1d", "--config", str(config_path)
+        )
+        assert out.strip() == "purged 0 dead letters"
+        code, out, _ = await run_cli("dead-letters", "purge", "--config", str(config_path))
+        assert out.strip() == "purged 1 dead letters"
+        code, out, _ = await run_cli("status", "--config", str(config_path))
+        assert "dead letters:       0" in out

@@ -1,0 +1,268 @@
+"""The forwarder against the scripted fake API: every outcome row of design.md section 3."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from segment_relay.service import FORWARDER, METRICS, STORE
+from segment_relay.testing import FakeInfinario, Reply
+from support import Server, make_config, post, running_fake, running_relay
+
+T0 = "2024-03-01T12:00:00.000Z"
+
+
+def track(user: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": user,
+        "event": "e",
+        "messageId": f"{user}-{n}",
+        "timestamp": T0,
+        "properties": {"n": n},
+        **extra,
+    }
+
+
+def identify(user: str, n: int) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "userId": user,
+        "messageId": f"{user}-{n}",
+        "timestamp": T0,
+        "traits": {"n": n},
+    }
+
+
+def key(command: dict[str, Any]) -> tuple[str, int]:
+    data = command["data"]
+    ids = data.get("customer_ids") or data.get("ids")
+    return ids["registered"], int(data["properties"]["n"])
+
+
+async def test_retry_after_pauses_every_lane(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    fake, api = fake_api
+    fake.script.append(Reply(status=429, headers={"Retry-After": "1"}))
+    async with running_relay(
+        make_config(queue_path, api.url, destination={"concurrency": 4})
+    ) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": [track("a", 1)]}))[0] == 200
+        await fake.wait_for(lambda f: len(f.requests) >= 1)
+        refused_at = fake.requests[0].at
+        # Another user's call, in another lane, after the 429: it waits for Retry-After too.
+        assert (await post(relay.url, "/v1/batch", {"batch": [track("b", 1)]}))[0] == 200
+        await fake.wait_for_commands(2)
+        await relay.app[FORWARDER].drain()
+    assert [r.reply_status for r in fake.requests[:1]] == [429]
+    assert all(r.at - refused_at >= 1.0 for r in fake.requests[1:])
+    assert sorted(key(c) for c in fake.accepted) == [("a", 1), ("b", 1)]
+
+
+async def test_timeouts_and_resets_are_retried(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    fake, api = fake_api
+    fake.script.extend([Reply(drop=True, delay_s=1.0), Reply(drop=True)])
+    config = make_config(queue_path, api.url, destination={"timeout": "300ms"})
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": [track("a", 1)]}))[0] == 200
+        await fake.wait_for_commands(1)
+        await fake.wait_for(lambda f: len(f.requests) >= 3)  # the stalled one ends last
+        retried = relay.app[METRICS].registry.get_sample_value("segment_relay_commands_sent_total")
+    assert retried == 3
+    assert sorted(r.reply_status for r in fake.requests) == [0, 0, 200]
+    assert [key(c) for c in fake.accepted] == [("a", 1)]
+
+
+async def test_refused_credentials_pause_forwarding_until_they_work(queue_path: Path) -> None:
+    fake = FakeInfinario(api_key="RIGHT")
+    async with running_fake(fake) as (_, api):
+        config = make_config(
+            queue_path,
+            api.url,
+            destination={"api": "exponea", "api_key": "WRONG", "credentials_probe": "100ms"},
+        )
+        async with running_relay(config) as relay:
+            assert (await post(relay.url, "/v1/batch", {"batch": [track("a", 1), track("b", 1)]}))[
+                0
+            ] == 200
+            await fake.wait_for(lambda f: len(f.requests) >= 2)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(relay.url + "/ready") as response,
+            ):
+                ready = await response.json()
+            assert response.status == 503
+            assert "credentials refused" in ready["reasons"][0]
+            store = relay.app[STORE]
+            assert await store.dead_letters() == []
+            assert store.pending_count == 2
+            fake.api_key = "WRONG"  # the operator fixes the key on the destination's side
+            await fake.wait_for_commands(2)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(relay.url + "/ready") as response,
+            ):
+                assert response.status == 200
+    assert all(r.reply_status == 401 for r in fake.requests[:2])
+
+
+async def test_a_whole_request_4xx_is_split_to_dead_letter_only_the_bad_command(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    fake, api = fake_api
+
+    def refuse_bad(commands: list[Any]) -> Reply:
+        bad = any(c["data"]["properties"].get("bad") for c in commands)
+        return (
+            Reply(status=400, body={"success": False, "message": "invalid property"})
+            if bad
+            else Reply()
+        )
+
+    fake.responder = refuse_bad
+    batch = [
+        track("a", 1),
+        track("b", 1, properties={"n": 1, "bad": True}),
+        track("c", 1),
+        track("d", 1),
+        track("b", 2),
+    ]
+    async with running_relay(make_config(queue_path, api.url)) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": batch}))[0] == 200
+        await fake.wait_for_commands(4)
+        await relay.app[FORWARDER].drain()
+        [dead] = await relay.app[STORE].dead_letters()
+    assert (dead.message_id, dead.reason, dead.response_status) == ("b-1", "refused", 400)
+    assert "invalid property" in (dead.response_body or "")
+    assert sorted(key(c) for c in fake.accepted) == [("a", 1), ("b", 2), ("c", 1), ("d", 1)]
+
+
+async def test_one_user_stuck_in_retries_holds_back_no_one_else(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    fake, api = fake_api
+
+    def stuck(commands: list[Any]) -> Reply:
+        return Reply(commands=["retry" if key(c)[0] == "stuck" else "ok" for c in commands])
+
+    fake.responder = stuck
+    config = make_config(queue_path, api.url, destination={"retry": {"command_retry": "20ms"}})
+    async with running_relay(config) as relay:
+        assert (
+            await post(relay.url, "/v1/batch", {"batch": [track("stuck", 1), track("stuck", 2)]})
+        )[0] == 200
+        await fake.wait_for(
+            lambda f: sum(key(c) == ("stuck", 1) for r in f.requests for c in r.commands) >= 3
+        )
+        assert (
+            await post(relay.url, "/v1/batch", {"batch": [track(f"u{i}", 1) for i in range(5)]})
+        )[0] == 200
+        delivered = await fake.wait_for_commands(5)
+        await relay.app[FORWARDER].drain(until_empty=False)
+        assert relay.app[STORE].pending_count == 2
+    # Each other user's call went out in the first request after it arrived: never held back.
+    sent = [key(c) for r in fake.requests for c in r.commands if key(c)[0] != "stuck"]
+    assert sorted(sent) == sorted(key(c) for c in delivered) == [(f"u{i}", 1) for i in range(5)]
+    # The stuck user's later call never went out without the first ahead of it.
+    for request in fake.requests:
+        keys = [key(c) for c in request.commands]
+        if ("stuck", 2) in keys:
+            assert keys.index(("stuck", 1)) < keys.index(("stuck", 2))
+
+
+def reorders_the_fake_asked_for(
+    fake: FakeInfinario,
+) -> set[tuple[tuple[str, int], tuple[str, int]]]:
+    """(earlier, later) pairs where the fake answered retry to earlier and ok to a later
+    command of the same user in the same request: those may arrive out of order."""
+    allowed: set[tuple[tuple[str, int], tuple[str, int]]] = set()
+    for request in fake.requests:
+        for p, result in enumerate(request.results):
+            if result.get("status") != "retry":
+                continue
+            earlier = key(request.commands[p])
+            for later, outcome in zip(
+                request.commands[p + 1 :], request.results[p + 1 :], strict=True
+            ):
+                if outcome.get("status") == "ok" and key(later)[0] == earlier[0]:
+                    allowed.add((earlier, key(later)))
+    return allowed
+
+
+def delivered_per_user(delivered: list[tuple[str, int]]) -> dict[str, list[int]]:
+    by_user: dict[str, list[int]] = defaultdict(list)
+    for user, n in delivered:
+        by_user[user].append(n)
+    return by_user
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_faults_lose_nothing_and_keep_each_users_order(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path, seed: int
+) -> None:
+    fake, api = fake_api
+    rng = random.Random(seed)
+
+    def chaos(commands: list[Any]) -> Reply:
+        roll = rng.random()
+        if roll < 0.08:
+            return Reply(status=500)
+        if roll < 0.12:
+            return Reply(status=429, headers={"Retry-After": "0"})
+        if roll < 0.15:
+            return Reply(drop=True, delay_s=0.3)
+        return Reply(
+            commands=[rng.choices(["ok", "retry", "error"], [80, 12, 8])[0] for _ in commands]
+        )
+
+    fake.responder = chaos
+    users = [f"user{u}" for u in range(20)]
+    sent: list[dict[str, Any]] = []
+    for n in range(50):
+        for user in users:
+            sent.append(identify(user, n) if n % 10 == 0 else track(user, n))
+    config = make_config(
+        queue_path,
+        api.url,
+        destination={
+            "batch_size": 20,
+            "concurrency": 4,
+            "timeout": "150ms",
+            "max_requests_per_second": 1000,
+            "retry": {"command_retry": "10ms", "backoff_initial": "10ms", "backoff_max": "50ms"},
+        },
+    )
+    async with running_relay(config) as relay:
+        for start in range(0, len(sent), 250):
+            assert (await post(relay.url, "/v1/batch", {"batch": sent[start : start + 250]}))[
+                0
+            ] == 200
+        await relay.app[FORWARDER].drain(timeout_s=120)
+        store = relay.app[STORE]
+        assert store.pending_count == 0
+        dead = {
+            (d.user_key, int(d.message_id.rsplit("-", 1)[1]))
+            for d in await store.dead_letters(limit=10_000)
+        }
+    delivered = [key(c) for c in fake.accepted]
+    everything = {(m["userId"], int(m["messageId"].rsplit("-", 1)[1])) for m in sent}
+    assert len(delivered) == len(set(delivered)), "a message was delivered twice"
+    assert set(delivered) | dead == everything
+    assert not set(delivered) & dead
+    allowed = reorders_the_fake_asked_for(fake)
+    for user, ns in delivered_per_user(delivered).items():
+        for i, a in enumerate(ns):
+            for b in ns[i + 1 :]:
+                if b < a:  # b was accepted first but delivered after a
+                    assert ((user, b), (user, a)) in allowed, (user, b, a)
+    customer_updates = {(u, n) for u in users for n in range(0, 50, 10)}
+    assert not any(a in customer_updates or b in customer_updates for a, b in allowed)
+    assert delivered  # something was delivered
