@@ -206,6 +206,7 @@ class QueueConfig:
     synchronous: str = _opt(_choice("full", "normal"), "full")
     dedup_window_s: float = _opt(_duration(0, 30 * 86400), 86400.0, "dedup_window")
     max_pending: int = _opt(_int(1, 10**10), 10_000_000)
+    max_size: int = _opt(_int(0, 2**50), 0)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
 
 
+class MessageTooLargeError(InvalidMessageError):
+    """A message over server.max_message_bytes."""
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -210,9 +214,7 @@ class Receiver:
     async def single(self, request: web.Request, kind: str) -> web.StreamResponse:
         """One call on /v1/<type>: refused whole (4xx) or stored whole (200)."""
         server = self.config.server
-        body = await self._read_json(
-            request, min(server.max_message_bytes, server.max_request_bytes)
-        )
+        body = await self._read_json(request, server.max_request_bytes)
         self.metrics.messages_received.labels(kind).inc()
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_message", "the request body must be a JSON object")
@@ -223,6 +225,9 @@ class Receiver:
             )
         try:
             message = self._accept(body, kind, BatchEnvelope(), source)
+        except MessageTooLargeError as exc:
+            self.metrics.messages_rejected.labels("too_large").inc()
+            raise ApiError(413, "message_too_large", str(exc)) from exc
         except InvalidMessageError as exc:
             self.metrics.messages_rejected.labels("invalid").inc()
             raise ApiError(400, "invalid_message", str(exc)) from exc
@@ -286,7 +291,7 @@ class Receiver:
         encoded = orjson.dumps(enriched)
         limit = self.config.server.max_message_bytes
         if len(encoded) > limit:
-            raise InvalidMessageError(
+            raise MessageTooLargeError(
                 f"the message is {len(encoded)} bytes; at most {limit} are accepted"
             )
         return NewMessage(

@@ -91,6 +91,7 @@ async def _store_ctx(app: web.Application, *, receiver: Receiver) -> AsyncIterat
         synchronous=q.synchronous,
         dedup_window_s=q.dedup_window_s,
         max_pending=q.max_pending,
+        max_size=q.max_size,
         sessions=SessionRules.of(s.idle_timeout_s, s.event_types) if s.enabled else None,
     )
     receiver.store = app[STORE]

@@ -81,7 +81,9 @@ class _LockFile:
             self._fd = None
 
 
-async def _connect(db_path: Path, synchronous: str) -> tuple[aiosqlite.Connection, int]:
+async def _connect(
+    db_path: Path, synchronous: str, max_size: int
+) -> tuple[aiosqlite.Connection, int]:
     """Open the database, apply the schema, count the queue; StoreError if it is unusable."""
     try:
         conn = await aiosqlite.connect(db_path)
@@ -91,6 +93,9 @@ async def _connect(db_path: Path, synchronous: str) -> tuple[aiosqlite.Connectio
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         await conn.execute("PRAGMA busy_timeout=5000")
+        if max_size:
+            [(page_size,)] = await conn.execute_fetchall("PRAGMA page_size")
+            await conn.execute(f"PRAGMA max_page_count={max(1, max_size // int(page_size))}")
         schema = resources.files(__package__).joinpath("sql/schema.sql").read_text("utf-8")
         await conn.executescript(schema)
         await conn.commit()
@@ -145,10 +150,12 @@ class Store:
         max_pending: int = 10_000_000,
         exclusive: bool = True,
         sessions: SessionRules | None = None,
+        max_size: int = 0,
     ) -> Store:
         """Open (creating it and its directory when missing) the queue at `path`.
 
         `exclusive` takes the daemon's lock: a second process that asks for it gets StoreError.
+        `max_size` caps the file (bytes); past it commits fail as a full disk would.
         Raises StoreError when the file is not a usable database.
         """
         db_path = Path(path)
@@ -162,7 +169,7 @@ class Store:
         if lock:
             lock.acquire()
         try:
-            conn, pending = await _connect(db_path, synchronous)
+            conn, pending = await _connect(db_path, synchronous, max_size)
         except StoreError:
             if lock:
                 lock.release()

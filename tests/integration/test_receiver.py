@@ -1,0 +1,386 @@
+"""The receiver as Segment's clients see it: every call type, every error row, limits, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from segment.analytics import Client
+
+from segment_relay.service import STORE
+from segment_relay.store import Store
+from support import AUTH, TESTS, WRITE_KEY, make_config, post, running_relay
+
+WHEN = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
+NODE_DIR = TESTS / "node"
+
+
+async def queued(store: Store) -> list[dict[str, Any]]:
+    """The client calls in the queue (session events, which page/screen add, left out)."""
+    rows = await store.due(time.time() + 1, (), 10_000)
+    return [orjson.loads(r.body) for r in rows if not r.type.startswith("session_")]
+
+
+def python_client_calls(url: str, *, gzip_body: bool) -> None:
+    client = Client(WRITE_KEY, host=url, sync_mode=True, max_retries=0, gzip=gzip_body)
+    client.identify(user_id="u1", traits={"plan": "pro"}, timestamp=WHEN)
+    client.track(user_id="u1", event="Bought", properties={"n": 1}, timestamp=WHEN)
+    client.page(
+        anonymous_id="a1", category="Shop", name="Cart", properties={"path": "/c"}, timestamp=WHEN
+    )
+    client.screen(user_id="u1", name="Home", timestamp=WHEN)
+    client.group(user_id="u1", group_id="g1", traits={"name": "Acme"}, timestamp=WHEN)
+    client.alias(previous_id="a1", user_id="u1", timestamp=WHEN)
+
+
+def check_every_call_type(messages: list[dict[str, Any]], library: str) -> None:
+    by_type = {m["type"]: m for m in messages}
+    assert sorted(by_type) == ["alias", "group", "identify", "page", "screen", "track"]
+    assert by_type["identify"]["traits"] == {"plan": "pro"}
+    assert (by_type["track"]["event"], by_type["track"]["properties"]) == ("Bought", {"n": 1})
+    assert (
+        by_type["page"]["name"],
+        by_type["page"]["category"],
+        by_type["page"]["anonymousId"],
+    ) == ("Cart", "Shop", "a1")
+    assert by_type["screen"]["name"] == "Home"
+    assert (by_type["group"]["groupId"], by_type["group"]["traits"]) == ("g1", {"name": "Acme"})
+    assert (by_type["alias"]["previousId"], by_type["alias"]["userId"]) == ("a1", "u1")
+    for message in messages:
+        assert message["context"]["library"]["name"] == library
+        assert message["messageId"]
+        assert message["receivedAt"].endswith("Z")
+        assert "writeKey" not in message
+        sent = datetime.fromisoformat(message["timestamp"])
+        assert abs((sent - WHEN).total_seconds()) < 5
+
+
+@pytest.mark.parametrize("gzip_body", [False, True])
+async def test_the_python_client_every_call_type(queue_path: Path, gzip_body: bool) -> None:
+    async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
+        await asyncio.to_thread(python_client_calls, relay.url, gzip_body=gzip_body)
+        messages = await queued(relay.app[STORE])
+    assert len(messages) == 6
+    check_every_call_type(messages, "analytics-python")
+
+
+def install_node_client() -> Path:
+    """npm ci from the committed lock file (once per checkout)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are needed for the Node client tests"
+    if not (NODE_DIR / "node_modules" / "@segment" / "analytics-node").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return Path(node)
+
+
+async def test_the_node_client_every_call_type(queue_path: Path) -> None:
+    node = await asyncio.to_thread(install_node_client)
+    ts = WHEN.isoformat()
+    calls = [
+        ["identify", {"userId": "u1", "traits": {"plan": "pro"}, "timestamp": ts}],
+        ["track", {"userId": "u1", "event": "Bought", "properties": {"n": 1}, "timestamp": ts}],
+        [
+            "page",
+            {
+                "anonymousId": "a1",
+                "category": "Shop",
+                "name": "Cart",
+                "properties": {"path": "/c"},
+                "timestamp": ts,
+            },
+        ],
+        ["screen", {"userId": "u1", "name": "Home", "timestamp": ts}],
+        ["group", {"userId": "u1", "groupId": "g1", "traits": {"name": "Acme"}, "timestamp": ts}],
+        ["alias", {"previousId": "a1", "userId": "u1", "timestamp": ts}],
+    ]
+    async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
+        process = await asyncio.create_subprocess_exec(
+            str(node),
+            str(NODE_DIR / "send.mjs"),
+            relay.url,
+            json.dumps(calls),
+            WRITE_KEY,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        messages = await queued(relay.app[STORE])
+    assert len(messages) == 6
+    check_every_call_type(messages, "@segment/analytics-node")
+
+
+async def raw(
+    url: str, path: str, data: bytes, headers: dict[str, str]
+) -> tuple[int, Any, dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + path, data=data, headers=headers) as response,
+    ):
+        return response.status, await response.json(content_type=None), dict(response.headers)
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"success": False, "code": code, "message": message, "error": message}
+
+
+GOOD = {"userId": "u1", "event": "e", "timestamp": "2024-03-01T12:00:00Z"}
+BOMB = gzip.compress(b'{"batch": [' + b" " * 50_000_000 + b"]}", compresslevel=9)
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "headers", "status", "body"),
+    [
+        ("/v1/track", b"{not json", {}, 400, None),
+        (
+            "/v1/track",
+            b"[1, 2]",
+            {},
+            400,
+            error("invalid_message", "the request body must be a JSON object"),
+        ),
+        (
+            "/v1/track",
+            orjson.dumps({**GOOD, "event": 5}),
+            {},
+            400,
+            error("invalid_message", "event is required on track and must be a non-empty string"),
+        ),
+        (
+            "/v1/track",
+            orjson.dumps({**GOOD, "properties": []}),
+            {},
+            400,
+            error("invalid_message", "properties must be an object"),
+        ),
+        (
+            "/v1/identify",
+            orjson.dumps({"traits": {}}),
+            {},
+            400,
+            error(
+                "invalid_message",
+                "userId or anonymousId is required (a non-empty string or number)",
+            ),
+        ),
+        (
+            "/v1/alias",
+            orjson.dumps({"userId": "u1"}),
+            {},
+            400,
+            error("invalid_message", "alias requires userId and previousId"),
+        ),
+        (
+            "/v1/group",
+            orjson.dumps({"userId": "u1"}),
+            {},
+            400,
+            error("invalid_message", "groupId is required on group"),
+        ),
+        ("/v1/track", orjson.dumps({**GOOD, "properties": {"x": "y" * 40_000}}), {}, 413, None),
+        (
+            "/v1/batch",
+            orjson.dumps({"batch": [{**GOOD, "properties": {"pad": "x" * 6000}}] * 100}),
+            {},
+            413,
+            error("request_too_large", "the request body is over 512000 bytes"),
+        ),
+        (
+            "/v1/batch",
+            orjson.dumps({"batch": [{}] * 2600}),
+            {},
+            400,
+            error("too_many_messages", "the batch has 2600 messages; at most 2500 are accepted"),
+        ),
+        (
+            "/v1/batch",
+            orjson.dumps({"batch": "no"}),
+            {},
+            400,
+            error("invalid_batch", 'the body must be an object with a "batch" list'),
+        ),
+        (
+            "/v1/batch",
+            BOMB,
+            {"Content-Encoding": "gzip"},
+            413,
+            error("request_too_large", "the (inflated) request body is over 512000 bytes"),
+        ),
+        ("/v1/batch", b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400, None),
+        (
+            "/v1/track",
+            orjson.dumps(GOOD),
+            {"Authorization": "Basic " + base64.b64encode(b"wrong:").decode()},
+            401,
+            error("invalid_write_key", "the write key is not known to this relay"),
+        ),
+        (
+            "/v1/track",
+            orjson.dumps(GOOD),
+            {"Authorization": ""},
+            401,
+            error("missing_write_key", "no write key: use HTTP Basic auth or writeKey"),
+        ),
+    ],
+    ids=[
+        "bad-json",
+        "not-an-object",
+        "event-type",
+        "properties-type",
+        "no-ids",
+        "alias-ids",
+        "group-id",
+        "message-too-large",
+        "batch-too-large",
+        "too-many-messages",
+        "batch-not-a-list",
+        "gzip-bomb",
+        "gzip-garbage",
+        "unknown-key",
+        "missing-key",
+    ],
+)
+async def test_every_error_row(
+    queue_path: Path,
+    path: str,
+    data: bytes,
+    headers: dict[str, str],
+    status: int,
+    body: dict[str, Any] | None,
+) -> None:
+    async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
+        got_status, got_body, got_headers = await raw(relay.url, path, data, {**AUTH, **headers})
+        assert got_status == status
+        assert got_headers["Content-Type"].startswith("application/json")
+        assert got_body["success"] is False
+        assert set(got_body) == {"success", "code", "message", "error"}
+        if body is not None:
+            assert got_body == body
+        # Nothing was stored, and the relay still serves.
+        assert relay.app[STORE].pending_count == 0
+        assert await post(relay.url, "/v1/track", GOOD) == (200, {"success": True})
+
+
+async def test_bodies_are_parsed_whatever_the_content_type(queue_path: Path) -> None:
+    async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
+        status, body, _ = await raw(
+            relay.url,
+            "/v1/t",
+            orjson.dumps({**GOOD, "writeKey": WRITE_KEY}),
+            {"Content-Type": "text/plain"},
+        )
+        assert (status, body) == (200, {"success": True})
+
+
+async def test_batch_envelope_skew_correction_and_context_merge(queue_path: Path) -> None:
+    batch = {
+        "batch": [
+            {
+                "type": "track",
+                "userId": "u",
+                "event": "e",
+                "timestamp": "2024-03-01T12:00:00Z",
+                "context": {"ip": "1.1.1.1"},
+            }
+        ],
+        "sentAt": "2024-03-01T12:00:10Z",
+        "context": {"ip": "9.9.9.9", "library": {"name": "lib"}},
+        "integrations": {"All": False},
+    }
+    clock_now = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
+    config = make_config(queue_path, "http://127.0.0.1:9")
+    async with running_relay(config, forward=False, clock=lambda: clock_now) as relay:
+        assert (await post(relay.url, "/v1/batch", batch))[0] == 200
+        [message] = [orjson.loads(r.body) for r in await relay.app[STORE].due(clock_now, (), 10)]
+    assert message["timestamp"] == "2029-12-31T23:59:50.000Z"  # received - (sentAt - timestamp)
+    assert message["originalTimestamp"] == "2024-03-01T12:00:00Z"
+    assert message["context"] == {"ip": "1.1.1.1", "library": {"name": "lib"}}
+    assert message["integrations"] == {"All": False}
+
+
+async def test_a_duplicate_message_id_is_answered_200_and_stored_once_across_restarts(
+    queue_path: Path,
+) -> None:
+    config = make_config(queue_path, "http://127.0.0.1:9")
+    message = {**GOOD, "messageId": "same-id"}
+    async with running_relay(config, forward=False) as relay:
+        assert await post(relay.url, "/v1/track", message) == (200, {"success": True})
+        assert await post(relay.url, "/v1/track", message) == (200, {"success": True})
+    async with running_relay(config, forward=False) as relay:
+        assert await post(relay.url, "/v1/batch", {"batch": [{"type": "track", **message}]}) == (
+            200,
+            {"success": True},
+        )
+        assert [m["messageId"] for m in await queued(relay.app[STORE])] == ["same-id"]
+
+
+async def test_a_full_queue_answers_503_keeps_what_it_has_and_recovers(queue_path: Path) -> None:
+    config = make_config(queue_path, "http://127.0.0.1:9", queue={"max_size": 400_000})
+    big = {"userId": "u", "event": "e", "properties": {"pad": "x" * 20_000}}
+    async with running_relay(config, forward=False) as relay:
+        store = relay.app[STORE]
+        accepted = 0
+        for n in range(100):
+            status, body, headers = await raw(
+                relay.url, "/v1/track", orjson.dumps({**big, "messageId": f"m{n}"}), AUTH
+            )
+            if status != 200:
+                break
+            accepted += 1
+        assert (status, body["code"], headers["Retry-After"]) == (503, "queue_full", "5")
+        assert 5 < accepted < 100
+        assert len(await queued(store)) == accepted
+        # Small calls are refused while the file is full, and nothing stored is lost.
+        assert (await post(relay.url, "/v1/track", GOOD))[0] == 503
+        # The forwarder delivers and frees pages: the receiver takes calls again by itself.
+        rows = await store.due(time.time() + 1, (), 10)
+        await store.settle(acked=[r.seq for r in rows], now=time.time())
+        assert await post(relay.url, "/v1/track", GOOD) == (200, {"success": True})
+        assert len(await queued(store)) == accepted - 10 + 1
+
+
+async def test_cors(queue_path: Path) -> None:
+    config = make_config(
+        queue_path, "http://127.0.0.1:9", server={"cors_origins": ["http://app.test"]}
+    )
+    preflight = {
+        "Origin": "http://app.test",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    async with running_relay(config, forward=False) as relay, aiohttp.ClientSession() as session:
+        async with session.options(relay.url + "/v1/t", headers=preflight) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "http://app.test"
+            assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+        async with session.options(
+            relay.url + "/v1/batch", headers={**preflight, "Origin": "http://evil.test"}
+        ) as response:
+            assert response.status == 403
+            assert "Access-Control-Allow-Origin" not in response.headers
+        async with session.post(
+            relay.url + "/v1/t",
+            data=orjson.dumps(GOOD),
+            headers={**AUTH, "Origin": "http://app.test"},
+        ) as response:
+            assert response.status == 200
+            assert response.headers["Access-Control-Allow-Origin"] == "http://app.test"
+            assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
