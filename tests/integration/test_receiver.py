@@ -78,7 +78,8 @@ async def test_the_python_client_every_call_type(queue_path: Path, gzip_body: bo
 def install_node_client() -> Path:
     """npm ci from the committed lock file (once per checkout)."""
     node, npm = shutil.which("node"), shutil.which("npm")
-    assert node and npm, "node and npm are needed for the Node client tests"
+    assert node, "node is needed for the Node client tests"
+    assert npm, "npm is needed for the Node client tests"
     if not (NODE_DIR / "node_modules" / "@segment" / "analytics-node").is_dir():
         subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],
@@ -121,7 +122,7 @@ async def test_the_node_client_every_call_type(queue_path: Path) -> None:
             stderr=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(60):
-            out, err = await process.communicate()
+            _, err = await process.communicate()
         assert process.returncode == 0, err.decode()
         messages = await queued(relay.app[STORE])
     assert len(messages) == 6
