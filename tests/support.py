@@ -127,13 +127,13 @@ class Daemon:
     url: str = ""
     stderr_lines: list[str] = field(default_factory=list)
     stdout_lines: list[str] = field(default_factory=list)
-    _readers: list[asyncio.Task[None]] = field(default_factory=list)
-    _stdout_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+    stdout_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def wait_stdout(self, count: int, timeout_s: float = 20.0) -> list[str]:
         """Wait (bounded) until the daemon printed at least `count` lines on stdout."""
-        async with asyncio.timeout(timeout_s), self._stdout_changed:
-            await self._stdout_changed.wait_for(lambda: len(self.stdout_lines) >= count)
+        async with asyncio.timeout(timeout_s), self.stdout_changed:
+            await self.stdout_changed.wait_for(lambda: len(self.stdout_lines) >= count)
         return list(self.stdout_lines)
 
     async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
@@ -141,7 +141,7 @@ class Daemon:
             self.process.send_signal(sig)
         async with asyncio.timeout(timeout_s):
             code = await self.process.wait()
-            await asyncio.gather(*self._readers)
+            await asyncio.gather(*self.readers)
         return code
 
 
@@ -177,10 +177,10 @@ async def start_daemon(config_path: Path, *extra: str, timeout_s: float = 30.0) 
     assert process.stderr is not None
     daemon = Daemon(process)
     found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    daemon._readers = [
+    daemon.readers = [
         asyncio.create_task(_pump(process.stderr, daemon.stderr_lines, found)),
         asyncio.create_task(
-            _pump(process.stdout, daemon.stdout_lines, None, daemon._stdout_changed)
+            _pump(process.stdout, daemon.stdout_lines, None, daemon.stdout_changed)
         ),
     ]
     exited: asyncio.Future[int] = asyncio.ensure_future(process.wait())

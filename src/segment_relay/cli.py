@@ -9,7 +9,7 @@ import logging
 import logging.config
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--token", default="TOKEN", help="the project token it accepts")
     fake.add_argument("--token-field", default="project_id", choices=["project_id", "company_id"])
     fake.add_argument("--api-key", default="KEY", help="the v2 API key it accepts")
+    fake.add_argument("--quiet", action="store_true", help="do not print the commands (benchmarks)")
     return parser
 
 
@@ -132,7 +133,20 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import serve
 
     config = load_config(args.config)
-    return asyncio.run(serve(config, dry_run=args.dry_run))
+    import os
+
+    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve(config, dry_run=args.dry_run))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (the daemon's hot path is the event loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -195,7 +209,11 @@ def _fake(args: argparse.Namespace) -> int:
         print(orjson.dumps(command).decode(), flush=True)
 
     fake = FakeInfinario(
-        token=args.token, token_field=args.token_field, api_key=args.api_key, on_command=show
+        token=args.token,
+        token_field=args.token_field,
+        api_key=args.api_key,
+        on_command=None if args.quiet else show,
+        record=not args.quiet,
     )
 
     def started(port: int) -> None:

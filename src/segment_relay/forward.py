@@ -131,6 +131,8 @@ class Forwarder:
         self._next_send_at = 0.0
         self._crashed: BaseException | None = None
         self._dispatching = asyncio.Lock()
+        # (until, queue depth then) while a batch that is not full lingers.
+        self._lingering: tuple[float, int] | None = None
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -197,12 +199,21 @@ class Forwarder:
         if tick < self.state.paused_until:
             return self.state.paused_until - tick
         now = self.clock()
+        size = self.config.batch_size
         while len(self._tasks) < self.config.concurrency:
-            rows = await self.store.due(now, self._busy_users, self.config.batch_size * 4)
+            if self._lingering is not None:
+                until, pending = self._lingering
+                # A batch is lingering: until it is due or enough has arrived to fill one,
+                # another look at the queue would find the same thing.
+                if now < until and self.store.pending_count < pending + size:
+                    return until - now
+                self._lingering = None
+            rows = await self.store.due(now, self._busy_users, size * 2)
             rows = await self._expire(rows, now)
-            selection = select_batch(rows, self.config.batch_size, self.config.linger_s, now)
+            selection = select_batch(rows, size, self.config.linger_s, now)
             if not selection.batch:
                 if selection.wait_until is not None:
+                    self._lingering = (selection.wait_until, self.store.pending_count)
                     return max(0.0, selection.wait_until - now)
                 return await self._idle_wait(now)
             tick = time.monotonic()
@@ -256,8 +267,8 @@ class Forwarder:
         names: list[tuple[str, str]] = []
         for row in batch:
             try:
-                command = map_message(orjson.loads(row.body), self.mapping)
-            except (MappingError, orjson.JSONDecodeError) as exc:
+                command = map_message(row.message, self.mapping)
+            except MappingError as exc:
                 dead.append((row, Failure("mapping_error", str(exc))))
                 continue
             if command is None:

@@ -7,6 +7,7 @@ command in the configured API style.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Command:
         return self.event_type is None
 
 
+@functools.lru_cache(maxsize=256)
 def snake(name: str) -> str:
     """`userAgent` -> `user_agent`; names already in snake case are unchanged."""
     return _CAMEL.sub(r"_\1", name).lower()

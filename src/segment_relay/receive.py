@@ -83,6 +83,9 @@ class Receiver:
 
     def __post_init__(self) -> None:
         self._sources = self.config.sources
+        # Labelled counters bound once: labels() takes a lock and hashes on every call.
+        received = self.metrics.messages_received
+        self._received = {k: received.labels(k) for k in {*PATH_TYPES.values(), "batch"}}
 
     # --- routes ---------------------------------------------------------------------------------
 
@@ -106,12 +109,19 @@ class Receiver:
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         endpoint = label.removeprefix("/v1/").rstrip("/") or label
 
+        counters: dict[int, Any] = {}  # status -> the labelled counter (labels() is slow)
+
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 response = await handler(request)
             except ApiError as exc:
                 response = exc.response()
-            self.metrics.requests.labels(endpoint, str(response.status)).inc()
+            counter = counters.get(response.status)
+            if counter is None:
+                counter = counters[response.status] = self.metrics.requests.labels(
+                    endpoint, str(response.status)
+                )
+            counter.inc()
             self._cors(request, response)
             return response
 
@@ -215,7 +225,7 @@ class Receiver:
         """One call on /v1/<type>: refused whole (4xx) or stored whole (200)."""
         server = self.config.server
         body = await self._read_json(request, server.max_request_bytes)
-        self.metrics.messages_received.labels(kind).inc()
+        self._received[kind].inc()
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_message", "the request body must be a JSON object")
         source = self._request_source(request, body)
@@ -241,7 +251,7 @@ class Receiver:
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             raise ApiError(400, "invalid_batch", 'the body must be an object with a "batch" list')
         items: list[Any] = body["batch"]
-        self.metrics.messages_received.labels("batch").inc(len(items))
+        self._received["batch"].inc(len(items))
         if len(items) > server.max_batch_messages:
             raise ApiError(
                 400,

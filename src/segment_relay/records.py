@@ -24,16 +24,17 @@ class NewMessage:
     # The message itself, for the session rules (not stored apart from `body`).
     message: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
-    def params(self, dedup_window_s: float) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "message_id": self.message_id,
-            "user_key": self.user_key,
-            "type": self.type,
-            "body": self.body,
-            "received_at": self.received_at,
-            "dedup_since": self.received_at - dedup_window_s,
-        }
+    def row(self, dedup_window_s: float) -> list[Any]:
+        """The message as an element of the `insert_messages` JSON array."""
+        return [
+            self.source,
+            self.message_id,
+            self.user_key,
+            self.type,
+            self.body.decode(),
+            self.received_at,
+            self.received_at - dedup_window_s,
+        ]
 
     @classmethod
     def session_event(cls, event: SessionEvent, received_at: float) -> NewMessage:
@@ -57,7 +58,8 @@ class QueuedMessage:
     message_id: str
     user_key: str
     type: str
-    body: bytes
+    # The stored message, already parsed (the due query returns it as JSON).
+    message: dict[str, Any] = field(compare=False, repr=False)
     received_at: float
     attempts: int
     next_attempt_at: float
@@ -67,6 +69,11 @@ class QueuedMessage:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Self:
         return cls(*row)
+
+    @property
+    def body(self) -> bytes:
+        """The message as JSON, as it is kept in the dead-letter table."""
+        return orjson.dumps(self.message)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class DeadLetter:
     message_id: str
     user_key: str
     type: str
-    body: bytes
+    body: str  # the message as JSON text
     received_at: float
     reason: str
     detail: str

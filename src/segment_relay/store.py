@@ -9,26 +9,26 @@ forwarder reads due rows in acceptance order and acks, reschedules or dead-lette
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
 
 from .errors import StoreError, StoreFullError
 from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
-from .sessions import SessionEvent, SessionRules, SessionState
+from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 Group = tuple[list[NewMessage], "asyncio.Future[int]"]
+T = TypeVar("T")
 
 
 def _load_queries() -> dict[str, str]:
@@ -86,7 +86,9 @@ async def _connect(
 ) -> tuple[aiosqlite.Connection, int]:
     """Open the database, apply the schema, count the queue; StoreError if it is unusable."""
     try:
-        conn = await aiosqlite.connect(db_path)
+        # Autocommit: a single statement commits itself; transactions of several statements
+        # say BEGIN IMMEDIATE ... COMMIT (Store._write).
+        conn = await aiosqlite.connect(db_path, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open the queue {db_path}: {exc}") from exc
     try:
@@ -115,6 +117,7 @@ class Store:
     def __init__(
         self,
         conn: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
         lock: _LockFile | None,
         *,
         dedup_window_s: float,
@@ -122,13 +125,15 @@ class Store:
         pending: int,
         sessions: SessionRules | None = None,
     ) -> None:
+        # Two connections, each with its own thread: writes on one; the forwarder's and the
+        # operator's reads on the other, so they never wait behind a commit (WAL lets both run).
         self._conn = conn
+        self._reader = reader
         self._lock = lock
         self._rules = sessions
         self._dedup_window_s = dedup_window_s
         self._max_pending = max_pending
         self._pending_count = pending
-        self._write_lock = asyncio.Lock()
         self._queue: list[Group] = []
         self._queued = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
@@ -174,8 +179,11 @@ class Store:
             if lock:
                 lock.release()
             raise
+        reader = await aiosqlite.connect(db_path, isolation_level=None)
+        await reader.execute("PRAGMA busy_timeout=5000")
         store = cls(
             conn,
+            reader,
             lock,
             dedup_window_s=dedup_window_s,
             max_pending=max_pending,
@@ -189,27 +197,48 @@ class Store:
         """Commit what is queued, stop the committer and close the database."""
         self._closing = True
         self._queued.set()
-        if self._committer is not None:
-            await self._committer
+        try:
+            if self._committer is not None:
+                await self._committer
+        finally:
+            # Whatever happened above, the SQLite thread must stop or the process cannot exit.
             self._committer = None
-        await self._conn.close()
-        if self._lock:
-            self._lock.release()
+            await self._conn.close()
+            await self._reader.close()
+            if self._lock:
+                self._lock.release()
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction at a time: committed on exit, rolled back on an error."""
-        async with self._write_lock:
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection], T], *, one_statement: bool = False
+    ) -> T:
+        """Run `fn` as one transaction in the SQLite thread, committed or rolled back there.
+
+        `one_statement`: `fn` writes with a single statement, which commits by itself.
+
+        One hop per transaction (design.md section 8): under load each hop waits for a turn of
+        the event loop, so a transaction of several awaited statements costs several turns.
+        aiosqlite runs the functions it is given one at a time on its own thread, so these
+        transactions never interleave; reads through the async API see them whole.
+        """
+
+        def run() -> T:
+            raw: sqlite3.Connection = self._conn._conn  # noqa: SLF001 - used only on its own thread
+            if one_statement:
+                return fn(raw)
+            raw.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-                await self._conn.commit()
+                result = fn(raw)
+                raw.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._conn.rollback()
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
                 raise
+            return result
+
+        return await self._conn._execute(run)  # type: ignore[no-untyped-call,no-any-return]  # noqa: SLF001
 
     async def _one(self, query: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
-        rows = list(await self._conn.execute_fetchall(Q[query], params))
+        rows = list(await self._reader.execute_fetchall(Q[query], params))
         return rows[0] if rows else None
 
     # --- ingest: group commit -------------------------------------------------------------------
@@ -231,7 +260,9 @@ class Store:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((messages, future))
         self._queued.set()
-        return await asyncio.shield(future)
+        # A cancelled request (client gone) cancels only its future: the commit goes on, and
+        # the committer skips futures that are already done.
+        return await future
 
     async def _commit_loop(self) -> None:
         while True:
@@ -244,18 +275,12 @@ class Store:
                 return
 
     async def _commit_groups(self, groups: list[Group]) -> None:
-        counts: list[int] = []
+        activities = self._activities(groups)
         try:
-            async with self._transaction() as conn:
-                expanded = await self._apply_sessions(groups)
-                # Each request's messages go in one executemany, so its stored count is known;
-                # all of them share the one commit.
-                for rows, session_rows in expanded:
-                    params = [m.params(self._dedup_window_s) for m in rows]
-                    cursor = await conn.executemany(Q["insert_message"], params)
-                    # rowcount counts the messages inserted, not the dedup rows of the trigger;
-                    # the session events inserted with them are not the client's messages.
-                    counts.append(max(cursor.rowcount, 0) - session_rows)
+            counts, session_rows = await self._write(
+                lambda raw: self._insert_groups(raw, groups, activities),
+                one_statement=not activities,
+            )
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             error = (
                 StoreFullError(f"the queue database is full: {exc}")
@@ -269,38 +294,84 @@ class Store:
                 if not future.done():
                     future.set_exception(error)
             return
-        stored = 0
         for (_, future), count in zip(groups, counts, strict=True):
-            stored += count
             if not future.done():
                 future.set_result(count)
-        self._pending_count += stored + sum(n for _, n in expanded)
-        if stored:
+        self._pending_count += sum(counts) + session_rows
+        if session_rows:
+            self.sessions_changed.set()
+        if sum(counts) or session_rows:
             self.new_work.set()
+
+    def _insert(self, raw: sqlite3.Connection, rows: list[NewMessage]) -> int:
+        """Insert `rows` in one statement; return how many were new (rowcount leaves out the
+        dedup rows the trigger writes)."""
+        seen: set[tuple[str, str]] = set()
+        unique = []
+        for m in rows:
+            key = (m.source, m.message_id)
+            if key not in seen:
+                seen.add(key)
+                unique.append(m)
+        if not unique:
+            return 0
+        array = orjson.dumps([m.row(self._dedup_window_s) for m in unique]).decode()
+        return max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0)
+
+    def _insert_groups(
+        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
+    ) -> tuple[list[int], int]:
+        """In the SQLite thread: every request's messages (and the session events they cause)
+        in one statement; returns each request's count of new messages and the session rows."""
+        expanded = self._apply_sessions(raw, groups, activities)
+        rows = [m for group_rows, _ in expanded for m in group_rows]
+        inserted = self._insert(raw, rows)
+        session_rows = sum(n for _, n in expanded)
+        if inserted == len(rows):
+            return [len(messages) for messages, _ in groups], session_rows
+        # Some were duplicates (rare): the inserted rows are the last `inserted` seqs, since
+        # this transaction is the only writer.
+        [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
+        found = raw.execute(Q["inserted_since"], (int(last) - inserted, int(last))).fetchall()
+        new = {(str(r[0]), str(r[1])) for r in found}
+        counts = []
+        for messages, _ in groups:
+            count = 0
+            for m in messages:
+                if (m.source, m.message_id) in new:
+                    new.discard((m.source, m.message_id))  # a repeat in the same commit
+                    count += 1
+            counts.append(count)
+        return counts, session_rows
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def _apply_sessions(self, groups: list[Group]) -> list[tuple[list[NewMessage], int]]:
-        """Each group's rows with the session events they cause, and how many those are.
-
-        Runs inside the commit's transaction: the session rows are written with the calls.
-        """
+    def _activities(self, groups: list[Group]) -> dict[int, Activity]:
+        """The session activity among the messages, by id() of the message."""
         rules = self._rules
-        plain = [(messages, 0) for messages, _ in groups]
         if rules is None:
-            return plain
-        activities = {
+            return {}
+        return {
             id(m): a
             for messages, _ in groups
             for m in messages
             if m.message is not None
             and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
         }
-        if not activities:
-            return plain
+
+    def _apply_sessions(
+        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
+    ) -> list[tuple[list[NewMessage], int]]:
+        """Each group's rows with the session events they cause, and how many those are.
+
+        Runs in the commit's transaction: the session rows are written with the calls.
+        """
+        rules = self._rules
+        if rules is None or not activities:
+            return [(messages, 0) for messages, _ in groups]
         candidates = [m for messages, _ in groups for m in messages if id(m) in activities]
-        seen = await self._already_accepted(candidates)
-        states = await self._sessions_of({a.user_key for a in activities.values()})
+        seen = self._already_accepted(raw, candidates)
+        states = self._sessions_of(raw, {a.user_key for a in activities.values()})
         changed: dict[str, SessionState] = {}
         expanded: list[tuple[list[NewMessage], int]] = []
         for messages, _ in groups:
@@ -321,24 +392,22 @@ class Store:
              orjson.dumps(s.ids), None if s.context is None else orjson.dumps(s.context))
             for s in changed.values()
         ]  # fmt: skip
-        if saved:
-            await self._conn.executemany(Q["save_session"], saved)
-        if any(n for _, n in expanded):
-            self.sessions_changed.set()
+        raw.executemany(Q["save_session"], saved)
         return expanded
 
-    async def _already_accepted(self, messages: list[NewMessage]) -> set[tuple[str, str]]:
+    def _already_accepted(
+        self, raw: sqlite3.Connection, messages: list[NewMessage]
+    ) -> set[tuple[str, str]]:
         """(source, messageId) of these messages already accepted within the dedup window."""
         pairs = orjson.dumps([[m.source, m.message_id] for m in messages]).decode()
         since = min(m.received_at for m in messages) - self._dedup_window_s
-        rows = await self._conn.execute_fetchall(
-            Q["accepted_ids"], {"pairs": pairs, "since": since}
-        )
+        rows = raw.execute(Q["accepted_ids"], {"pairs": pairs, "since": since}).fetchall()
         return {(str(r[0]), str(r[1])) for r in rows}
 
-    async def _sessions_of(self, users: set[str]) -> dict[str, SessionState]:
+    @staticmethod
+    def _sessions_of(raw: sqlite3.Connection, users: set[str]) -> dict[str, SessionState]:
         users_json = orjson.dumps(sorted(users)).decode()
-        rows = await self._conn.execute_fetchall(Q["sessions_of"], (users_json,))
+        rows = raw.execute(Q["sessions_of"], (users_json,)).fetchall()
         return {r[0]: _session_from_row(r) for r in rows}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
@@ -346,19 +415,20 @@ class Store:
 
         Their session_end events are enqueued in the same transaction that deletes them.
         """
-        async with self._transaction() as conn:
-            found = await conn.execute_fetchall(Q["expired_sessions"], (now, limit))
+
+        def expire(raw: sqlite3.Connection) -> int:
+            found = raw.execute(Q["expired_sessions"], (now, limit)).fetchall()
             due = [_session_from_row(r) for r in found]
-            if not due:
-                return 0
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
-            await conn.executemany(
-                Q["insert_message"], [m.params(self._dedup_window_s) for m in rows]
-            )
-            await conn.executemany(Q["delete_session"], [(s.user_key,) for s in due])
-        self._pending_count += len(due)
-        self.new_work.set()
-        return len(due)
+            self._insert(raw, rows)
+            raw.executemany(Q["delete_session"], [(s.user_key,) for s in due])
+            return len(due)
+
+        closed = await self._write(expire)
+        if closed:
+            self._pending_count += closed
+            self.new_work.set()
+        return closed
 
     async def session_stats(self) -> tuple[int, float | None]:
         """Open sessions and the earliest wall-clock expiry among them."""
@@ -378,9 +448,8 @@ class Store:
         for a retry, and its user is not in `busy_users` (users with a batch in flight).
         """
         busy = orjson.dumps(list(busy_users)).decode()
-        rows = await self._conn.execute_fetchall(
-            Q["due_messages"], {"now": now, "busy": busy, "limit": limit}
-        )
+        (found,) = await self._one("due_messages", {"now": now, "busy": busy, "limit": limit})
+        rows = sorted(orjson.loads(found), key=lambda r: int(r[0]))
         return [QueuedMessage.from_row(r) for r in rows]
 
     async def next_retry_at(self) -> float | None:
@@ -405,30 +474,38 @@ class Store:
         to the persistent counters and `names` (kind, name) to the project's known names, in the
         same transaction.
         """
-        acked_rows = [(s,) for s in acked]
-        retry_rows = [(at, error, int(counts), now, seq) for seq, at, error, counts in retry]
+        acked_seqs = list(acked)
+        retry_rows = [[seq, at, error, int(counts)] for seq, at, error, counts in retry]
         dead_rows = [
             (m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, f.reason,
              f.detail, f.response_status, f.response_body, m.attempts + 1,
              m.first_attempt_at if m.first_attempt_at is not None else now, now)
             for m, f in dead
         ]  # fmt: skip
-        async with self._transaction() as conn:
-            # Each statement is a hop to the SQLite thread: skip the ones with nothing to do.
-            for query, rows in (
-                ("ack", acked_rows + [(row[0],) for row in dead_rows]),
-                ("reschedule", retry_rows),
-                ("insert_dead_letter", dead_rows),
-                ("add_project_name", list(names)),
-                ("add_counter", list((counters or {}).items())),
-            ):
-                if rows:
-                    await conn.executemany(Q[query], rows)
-        self._pending_count -= len(acked_rows) + len(dead_rows)
+        gone = acked_seqs + [row[0] for row in dead_rows]
+        names_rows = list(names)
+        counter_rows = list((counters or {}).items())
+
+        def write(raw: sqlite3.Connection) -> None:
+            # Batches of rows go as one JSON array each: one statement, one step.
+            if gone:
+                raw.execute(Q["ack"], (orjson.dumps(gone).decode(),))
+            if retry_rows:
+                rows_json = orjson.dumps(retry_rows).decode()
+                raw.execute(Q["reschedule"], {"rows": rows_json, "now": now})
+            if dead_rows:
+                raw.executemany(Q["insert_dead_letter"], dead_rows)
+            if names_rows:
+                raw.executemany(Q["add_project_name"], names_rows)
+            if counter_rows:
+                raw.executemany(Q["add_counter"], counter_rows)
+
+        await self._write(write)
+        self._pending_count -= len(gone)
 
     async def project_names(self) -> list[tuple[str, str]]:
         """(kind, name) of every event type and customer property key sent to the project."""
-        rows = await self._conn.execute_fetchall(Q["project_names"])
+        rows = await self._reader.execute_fetchall(Q["project_names"])
         return [(str(r[0]), str(r[1])) for r in rows]
 
     # --- inspection and administration ----------------------------------------------------------
@@ -441,8 +518,8 @@ class Store:
     async def stats(self, now: float) -> QueueStats:
         """Queue depth, backoff, oldest message, dead letters by reason, persistent counters."""
         pending, in_backoff, oldest = await self._one("queue_stats", (now,))
-        dead = await self._conn.execute_fetchall(Q["dead_letter_counts"])
-        counters = await self._conn.execute_fetchall(Q["counters"])
+        dead = await self._reader.execute_fetchall(Q["dead_letter_counts"])
+        counters = await self._reader.execute_fetchall(Q["counters"])
         return QueueStats(
             int(pending),
             int(in_backoff),
@@ -455,7 +532,7 @@ class Store:
         self, limit: int = 100, reason: str | None = None, after: int = 0
     ) -> list[DeadLetter]:
         """Dead letters with id > `after`, oldest first, optionally only those with `reason`."""
-        rows = await self._conn.execute_fetchall(
+        rows = await self._reader.execute_fetchall(
             Q["dead_letters"], {"reason": reason, "after": after, "limit": limit}
         )
         return [DeadLetter.from_row(r) for r in rows]
@@ -467,25 +544,27 @@ class Store:
 
     async def replay(self, dead_ids: Iterable[int], now: float) -> int:
         """Move dead letters back to the queue in their original order; return how many."""
-        ids = [(i,) for i in dead_ids]
-        async with self._transaction() as conn:
-            cursor = await conn.executemany(
-                Q["replay_message"], [{"id": i, "now": now} for (i,) in ids]
-            )
-            moved = max(cursor.rowcount, 0)
-            await conn.executemany(Q["delete_dead_letter"], ids)
+        ids = list(dead_ids)
+
+        def replay(raw: sqlite3.Connection) -> int:
+            cursor = raw.executemany(Q["replay_message"], [{"id": i, "now": now} for i in ids])
+            raw.executemany(Q["delete_dead_letter"], [(i,) for i in ids])
+            return max(cursor.rowcount, 0)
+
+        moved = await self._write(replay)
         self._pending_count += moved
         self.new_work.set()
         return moved
 
     async def purge_dead_letters(self, older_than: float) -> int:
         """Delete dead letters whose last attempt is before `older_than`; return how many."""
-        async with self._transaction() as conn:
-            cursor = await conn.execute(Q["purge_dead_letters"], (older_than,))
-        return max(cursor.rowcount, 0)
+        return await self._write(
+            lambda raw: max(raw.execute(Q["purge_dead_letters"], (older_than,)).rowcount, 0)
+        )
 
     async def prune_dedup(self, now: float) -> int:
         """Forget messageIds older than the dedup window; return how many were forgotten."""
-        async with self._transaction() as conn:
-            cursor = await conn.execute(Q["prune_dedup"], (now - self._dedup_window_s,))
-        return max(cursor.rowcount, 0)
+        since = now - self._dedup_window_s
+        return await self._write(
+            lambda raw: max(raw.execute(Q["prune_dedup"], (since,)).rowcount, 0)
+        )

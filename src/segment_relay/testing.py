@@ -128,12 +128,16 @@ class FakeInfinario:
         api_key: str = "KEY",
         api_secret: str = "",
         on_command: Callable[[dict[str, Any]], None] | None = None,
+        record: bool = True,
     ) -> None:
         self.token = token
         self.token_field = token_field
         self.api_key = api_key
         self.api_secret = api_secret
         self.on_command = on_command
+        # False keeps only counts (long benchmarks), not every request and command.
+        self.record = record
+        self.accepted_count = 0
         self.script: collections.deque[Reply] = collections.deque()
         # Called with the request's commands when the script is empty; None answers all ok.
         self.responder: Callable[[list[Any]], Reply] | None = None
@@ -237,8 +241,10 @@ class FakeInfinario:
     async def _record(self, received: Received, accepted: list[dict[str, Any]]) -> None:
         received.at = time.monotonic()
         async with self._changed:
-            self.requests.append(received)
-            self.accepted.extend(accepted)
+            self.accepted_count += len(accepted)
+            if self.record:
+                self.requests.append(received)
+                self.accepted.extend(accepted)
             if self.on_command:
                 for command in accepted:
                     self.on_command(command)

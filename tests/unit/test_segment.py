@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +15,7 @@ from segment_relay.segment import (
     corrected_timestamp,
     enrich,
     format_time,
+    new_message_id,
     parse_time,
     user_key,
     validate,
@@ -105,3 +109,25 @@ def test_a_corrected_time_outside_any_sane_range_is_refused() -> None:
 def test_the_user_key_prefers_anonymous_id() -> None:
     assert user_key({"userId": "u", "anonymousId": "a"}) == "a"
     assert user_key({"userId": 7}) == "7"
+
+
+def test_format_time_matches_datetime_to_the_millisecond() -> None:
+    rng = random.Random(7)
+    for i in range(20_000):
+        seconds = (
+            rng.uniform(0, 4_102_444_799)
+            if i % 2
+            else round(rng.uniform(1.7e9, 1.8e9), rng.randint(0, 6))
+        )
+        expected = (
+            datetime.fromtimestamp(seconds, tz=UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
+        assert format_time(seconds) == expected, seconds
+
+
+def test_generated_message_ids_are_distinct_version_4_uuids() -> None:
+    ids = {new_message_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)

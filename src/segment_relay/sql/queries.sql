@@ -1,15 +1,26 @@
 -- segment-relay queries, loaded by name by store.py (the only module that runs them).
 -- Each query starts with a line "-- name: NAME".
 
--- name: insert_message
+-- name: insert_messages
+-- Every message of a group commit in one statement: ? is a JSON array of
+-- [source, message_id, user_key, type, body, received_at, dedup_since]. One statement is one
+-- step of SQLite's C code, so the SQLite thread gives up and takes back Python's lock once per
+-- commit instead of once per row (under load that wait was most of a commit's time).
 -- A message is stored unless its messageId was accepted from the same source within the
--- dedup window (the trigger messages_dedup records it).
+-- dedup window (the trigger messages_dedup records it). The statement does not see its own
+-- trigger's rows: repeats within one array are removed by the caller.
 INSERT INTO messages (source, message_id, user_key, type, body, received_at)
-SELECT :source, :message_id, :user_key, :type, :body, :received_at
+SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
+       json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
+FROM json_each(?) AS j
 WHERE NOT EXISTS (
     SELECT 1 FROM dedup
-    WHERE source = :source AND message_id = :message_id AND received_at >= :dedup_since
+    WHERE source = json_extract(j.value, '$[0]') AND message_id = json_extract(j.value, '$[1]')
+      AND received_at >= json_extract(j.value, '$[6]')
 );
+
+-- name: inserted_since
+SELECT source, message_id FROM messages WHERE seq > ? AND seq <= ?;
 
 -- name: count_messages
 SELECT COUNT(*) FROM messages;
@@ -17,36 +28,49 @@ SELECT COUNT(*) FROM messages;
 -- name: due_messages
 -- Due: its retry time has come, no earlier message of its user waits for a retry, and its
 -- user has no batch in flight (:busy, a JSON array of user keys).
-SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, m.attempts,
-       m.next_attempt_at, m.first_attempt_at, m.last_error
-FROM messages AS m
-WHERE m.next_attempt_at <= :now
-  AND m.user_key NOT IN (SELECT value FROM json_each(:busy))
-  AND NOT EXISTS (
-      SELECT 1 FROM messages AS earlier
-      WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
-        AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > :now
-  )
-ORDER BY m.seq
-LIMIT :limit;
+-- The rows come back as one JSON array in one result row: one step of SQLite, so the SQLite
+-- thread takes Python's lock back once, not once per row. The stored bodies are JSON already
+-- and are pasted in as they are, not parsed again. (group_concat's order is the subquery's
+-- in practice; the caller sorts by seq all the same.)
+SELECT '[' || COALESCE(group_concat(
+    '[' || seq || ',' || json_quote(source) || ',' || json_quote(message_id) || ','
+    || json_quote(user_key) || ',' || json_quote(type) || ',' || CAST(body AS TEXT) || ','
+    || json_quote(received_at) || ',' || attempts || ',' || json_quote(next_attempt_at) || ','
+    || json_quote(first_attempt_at) || ',' || json_quote(last_error) || ']', ','), '') || ']'
+FROM (
+    SELECT * FROM messages AS m
+    WHERE m.next_attempt_at <= :now
+      AND m.user_key NOT IN (SELECT value FROM json_each(:busy))
+      AND NOT EXISTS (
+          SELECT 1 FROM messages AS earlier
+          WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
+            AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > :now
+      )
+    ORDER BY m.seq
+    LIMIT :limit
+);
 
 -- name: next_retry_at
 SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0;
 
 -- name: ack
-DELETE FROM messages WHERE seq = ?;
+-- ? is a JSON array of seqs: one statement for the whole batch.
+DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(?));
 
 -- name: reschedule
+-- ? is a JSON array of [seq, next_attempt_at, last_error, attempts to add].
 UPDATE messages
-SET next_attempt_at = ?, last_error = ?, attempts = attempts + ?,
-    first_attempt_at = COALESCE(first_attempt_at, ?)
-WHERE seq = ?;
+SET next_attempt_at = json_extract(r.value, '$[1]'), last_error = json_extract(r.value, '$[2]'),
+    attempts = attempts + json_extract(r.value, '$[3]'),
+    first_attempt_at = COALESCE(first_attempt_at, :now)
+FROM json_each(:rows) AS r
+WHERE messages.seq = json_extract(r.value, '$[0]');
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, reason,
                           detail, response_status, response_body, attempts, first_attempt_at,
                           last_attempt_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+VALUES (?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: add_counter
 INSERT INTO counters (name, value) VALUES (?, ?)

@@ -1,0 +1,72 @@
+"""Ingest benchmark (issue 3): the relay against two bare baselines, in the same run.
+
+  .venv/bin/python bench/ingest.py [--seconds 10]
+
+64 connections from wrk (one thread) to 127.0.0.1. For single calls the baseline is a bare
+aiohttp handler that parses the JSON and answers 200; for 100-message batches a bare durable
+handler that writes each message as a row in one SQLite transaction (WAL, synchronous=FULL).
+The relay runs as the real daemon (synchronous: full), forwarding to the fake API. Each
+baseline runs before and after the relay and their mean is the reference (this host drifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import orjson
+
+from common import WrkResult, fake_api, process, python_bin, relay, relay_config, wrk
+
+TRACK = {
+    "userId": "user-1234567890",
+    "event": "Order Completed",
+    "properties": {"revenue": 19.99, "currency": "EUR", "product": {"sku": "SKU-1", "name": "Mug", "price": 19.99}, "coupon": "SPRING", "items": 3},
+    "context": {
+        "ip": "203.0.113.7", "locale": "en-GB", "timezone": "Europe/London",
+        "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+        "library": {"name": "analytics-python", "version": "2.4.0"},
+        "page": {"url": "https://shop.example/cart?step=2", "path": "/cart", "title": "Cart", "referrer": "https://search.example/"},
+        "campaign": {"source": "newsletter", "medium": "email", "name": "spring"},
+    },
+    "timestamp": "2024-03-01T12:00:00.000Z",
+}
+SINGLE = orjson.dumps(TRACK)
+BATCH = orjson.dumps({"batch": [{"type": "track", **TRACK}] * 100, "sentAt": "2024-03-01T12:00:01.000Z"})
+
+
+def baseline(mode: str, tmp: Path, body: bytes, path: str, seconds: int) -> WrkResult:
+    with process(python_bin(), "bench/baselines.py", mode, "--db", str(tmp / f"{mode}.db")) as server:
+        return wrk(server.url + path, body, seconds=seconds)
+
+
+def row(name: str, result: WrkResult, events: int) -> str:
+    return f"{name:<34} {result.ok_per_s(events):>12,.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.non_2xx:>7}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    print(f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each")
+    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
+    for name, body, path, events, mode in [
+        ("single calls", SINGLE, "/v1/track", 1, "parse"),
+        ("100-message batches", BATCH, "/v1/batch", 100, "durable"),
+    ]:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            before = baseline(mode, tmp, body, path, args.seconds)
+            with fake_api() as api, relay(relay_config(tmp, api.url)) as daemon:
+                ours = wrk(daemon.url + path, body, seconds=args.seconds)
+            after = baseline(mode, tmp, body, path, args.seconds)
+        reference = (before.ok_per_s(events) + after.ok_per_s(events)) / 2
+        print(row(f"{name}: baseline ({mode}) before", before, events))
+        print(row(f"{name}: relay", ours, events))
+        print(row(f"{name}: baseline ({mode}) after", after, events))
+        print(f"{name}: relay / baseline = {ours.ok_per_s(events) / reference:.2f}x, relay p99 {ours.p99_ms:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
