@@ -130,6 +130,13 @@ class Daemon:
     readers: list[asyncio.Task[None]] = field(default_factory=list)
     stdout_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
+    async def wait_stderr(self, text: str, timeout_s: float = 20.0) -> None:
+        """Wait (bounded) until the daemon logged a line containing `text`."""
+        async with asyncio.timeout(timeout_s), self.stdout_changed:
+            await self.stdout_changed.wait_for(
+                lambda: any(text in line for line in self.stderr_lines)
+            )
+
     async def wait_stdout(self, count: int, timeout_s: float = 20.0) -> list[str]:
         """Wait (bounded) until the daemon printed at least `count` lines on stdout."""
         async with asyncio.timeout(timeout_s), self.stdout_changed:
@@ -178,7 +185,9 @@ async def start_daemon(config_path: Path, *extra: str, timeout_s: float = 30.0) 
     daemon = Daemon(process)
     found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     daemon.readers = [
-        asyncio.create_task(_pump(process.stderr, daemon.stderr_lines, found)),
+        asyncio.create_task(
+            _pump(process.stderr, daemon.stderr_lines, found, daemon.stdout_changed)
+        ),
         asyncio.create_task(
             _pump(process.stdout, daemon.stdout_lines, None, daemon.stdout_changed)
         ),

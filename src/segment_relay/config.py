@@ -134,6 +134,13 @@ def _str_list(*, nonempty: bool = False) -> Converter:
     return conv
 
 
+def _optional(conv: Converter) -> Converter:
+    def optional(value: Any, key: str) -> Any:
+        return None if value is None else conv(value, key)
+
+    return optional
+
+
 def _section(cls: type[T]) -> Converter:
     def conv(value: Any, key: str) -> T:
         return build(cls, value, key)
@@ -188,6 +195,9 @@ class ServerConfig:
     max_request_bytes: int = _opt(_int(1024, 64 * 1024 * 1024), 512_000)
     max_batch_messages: int = _opt(_int(1, 100_000), 2500)
     cors_origins: tuple[str, ...] = _opt(_str_list(), ("*",))
+    # /health, /ready and /metrics on their own address (None: on the Segment API's).
+    admin_host: str = _opt(_str(nonempty=True), "127.0.0.1")
+    admin_port: int | None = _opt(_optional(_int(0, 65535)), None)
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,13 @@ class SessionsConfig:
     event_types: tuple[str, ...] = _opt(_str_list(nonempty=True), ("page", "screen"))
 
 
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """How the relay stops on SIGTERM."""
+
+    grace_s: float = _opt(_duration(0, 3600), 10.0, "grace")
+
+
 DEFAULT_CONTEXT_FIELDS = (
     "ip",
     "locale",
@@ -305,6 +322,7 @@ class Config:
     destination: DestinationConfig = _sub(DestinationConfig)
     sessions: SessionsConfig = _sub(SessionsConfig)
     mapping: MappingConfig = _sub(MappingConfig)
+    shutdown: ShutdownConfig = _sub(ShutdownConfig)
 
     def check_destination(self) -> None:
         """Raise ConfigError unless the destination has the credentials its API style needs."""

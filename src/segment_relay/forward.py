@@ -21,11 +21,11 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .batching import durable_delay, select_batch
-from .config import DestinationConfig
+from .config import Config, DestinationConfig
 from .errors import MappingError, PermanentSendError, TransientSendError
-from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, cut
+from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, api_style, cut
 from .limits import ProjectLimits
-from .mapping import Command, MappingSettings, map_message
+from .mapping import Command, MappingSettings, map_message, mapping_settings
 from .metrics import Metrics
 from .records import Failure, QueuedMessage
 from .store import Store
@@ -40,6 +40,8 @@ class Sender(Protocol):
     """Sends one batch of commands; returns one result per command or raises a SendError."""
 
     async def send(self, commands: Sequence[Command]) -> list[CommandResult]: ...
+
+    def reload(self, style: ApiStyle, config: DestinationConfig) -> None: ...
 
 
 class HttpSender:
@@ -58,6 +60,10 @@ class HttpSender:
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.metrics = metrics
         self.clock = clock
+
+    def reload(self, style: ApiStyle, config: DestinationConfig) -> None:
+        self.style = style
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
 
     async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
         request = self.style.request(commands)
@@ -84,6 +90,9 @@ class DryRunSender:
         self.style = style
         self.out = out or sys.stdout
 
+    def reload(self, style: ApiStyle, config: DestinationConfig) -> None:
+        self.style = style
+
     async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
         for command in commands:
             self.out.write(orjson.dumps(self.style.render(command)).decode() + "\n")
@@ -97,7 +106,8 @@ class ForwarderState:
 
     credentials_error: str | None = None
     paused_until: float = 0.0
-    last_progress: float = field(default_factory=time.monotonic)
+    # time.monotonic() of the run loop's latest turn: the watchdog pings only while it moves.
+    heartbeat: float = field(default_factory=time.monotonic)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -119,6 +129,10 @@ class Forwarder:
     ) -> None:
         self.store = store
         self.limits = limits or ProjectLimits()
+        # Longest wait between turns of run() (set when a watchdog needs a heartbeat).
+        self.max_wait_s: float | None = None
+        # How long batches in flight may take to finish when run() stops.
+        self.grace_s: float | None = None
         self.sender = sender
         self.config = config
         self.mapping = mapping
@@ -131,19 +145,39 @@ class Forwarder:
         self._next_send_at = 0.0
         self._crashed: BaseException | None = None
         self._dispatching = asyncio.Lock()
+        self._stopped = asyncio.Event()
         # (until, queue depth then) while a batch that is not full lingers.
         self._lingering: tuple[float, int] | None = None
+
+    @property
+    def sends(self) -> bool:
+        """Whether it sends to a real destination (not --dry-run)."""
+        return isinstance(self.sender, HttpSender)
+
+    def reload(self, config: Config) -> None:
+        """Take new destination and mapping settings (SIGHUP); in-flight batches finish as sent."""
+        self.config = config.destination
+        self.mapping = mapping_settings(config)
+        self.sender.reload(api_style(config.destination), config.destination)
 
     # --- the loop -------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forward until `stop` is set, then wait for the batches in flight."""
+        """Forward until `stop` is set, then let the batches in flight finish (within grace)."""
         try:
             while not stop.is_set():
+                self.state.heartbeat = time.monotonic()
                 wait_s = await self.dispatch()
+                if self.max_wait_s is not None:
+                    wait_s = self.max_wait_s if wait_s is None else min(wait_s, self.max_wait_s)
                 await self._wait(stop, wait_s)
         finally:
-            await self.finish()
+            await self.finish(self.grace_s)
+            self._stopped.set()
+
+    async def stopped(self) -> None:
+        """Wait until run() has stopped and its batches are settled."""
+        await self._stopped.wait()
 
     async def drain(self, timeout_s: float = 30.0, *, until_empty: bool = True) -> None:
         """Forward until the queue is empty (tests, one-shot runs); TimeoutError after `timeout_s`.
@@ -165,10 +199,24 @@ class Forwarder:
                 # Bounded wait for the next retry (a retry delay is on the wall clock).
                 await asyncio.sleep(min(wait_s if wait_s is not None else 0.01, 0.05))
 
-    async def finish(self) -> None:
-        """Let the batches in flight finish and write their outcomes."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def finish(self, grace_s: float | None = None) -> None:
+        """Let the batches in flight finish and write their outcomes, for `grace_s` at most.
+
+        Batches still sending then are cancelled: their messages stay queued and go out after
+        the restart; outcomes already received are still written (style.md 7).
+        """
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning(
+                "%d batches still in flight after the grace period were cancelled",
+                len(pending),
+                extra={"action": "batches_cancelled"},
+            )
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
         """One wait for new work, a free slot, a timer or stop (style.md 8)."""
@@ -290,7 +338,6 @@ class Forwarder:
             await self._write(acked=skipped, dead=dead, names=names, now=now)
         if to_send:
             await self._send(to_send)
-        self.state.last_progress = time.monotonic()
 
     async def _send(self, items: Items) -> set[str]:
         """Send one batch and write its outcome; return the users with a message left queued."""

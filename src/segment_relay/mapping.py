@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DEFAULT_CONTEXT_FIELDS
+from .config import DEFAULT_CONTEXT_FIELDS, Config
 from .errors import MappingError
 from .segment import parse_time
 
@@ -30,6 +30,12 @@ class MappingSettings:
     registered_id: str = "registered"
     cookie_id: str = "cookie"
     context_fields: tuple[str, ...] = DEFAULT_CONTEXT_FIELDS
+
+
+def mapping_settings(config: Config) -> MappingSettings:
+    """The mapping's view of the config."""
+    m = config.mapping
+    return MappingSettings(m.registered_id, m.cookie_id, m.context_fields)
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "segment_relay_queue_depth", "Messages waiting in the queue", registry=r
         )
+        self.queue_oldest_age = Gauge(
+            "segment_relay_queue_oldest_age_seconds", "Age of the oldest queued message", registry=r
+        )
+        self.queue_in_backoff = Gauge(
+            "segment_relay_queue_in_backoff", "Queued messages waiting for a retry", registry=r
+        )
+        self.sessions_open = Gauge("segment_relay_sessions_open", "Open sessions", registry=r)
+        self.sessions_started = Gauge(
+            "segment_relay_sessions_started",
+            "Sessions started since this process began",
+            registry=r,
+        )
+        self.sessions_ended = Gauge(
+            "segment_relay_sessions_ended", "Sessions ended since this process began", registry=r
+        )

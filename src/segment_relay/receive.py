@@ -7,6 +7,7 @@ never 500.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -64,6 +65,9 @@ class MessageTooLargeError(InvalidMessageError):
     """A message over server.max_message_bytes."""
 
 
+STOPPING_ERROR = ApiError(503, "shutting_down", "the relay is stopping; retry later", 5)
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -78,8 +82,14 @@ class Receiver:
     config: Config
     metrics: Metrics
     clock: Clock = time.time
+    # Set when the relay begins to stop: calls get 503 + Retry-After from then on.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Attached when the store opens (at app start-up, after the routes are frozen).
     store: Store = field(init=False)
+
+    def reload(self, config: Config) -> None:
+        """Take new write keys (SIGHUP); limits and CORS stay as started."""
+        self._sources = config.sources
 
     def __post_init__(self) -> None:
         self._sources = self.config.sources
@@ -112,10 +122,13 @@ class Receiver:
         counters: dict[int, Any] = {}  # status -> the labelled counter (labels() is slow)
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            try:
-                response = await handler(request)
-            except ApiError as exc:
-                response = exc.response()
+            if self.stopping.is_set():
+                response: web.StreamResponse = STOPPING_ERROR.response()
+            else:
+                try:
+                    response = await handler(request)
+                except ApiError as exc:
+                    response = exc.response()
             counter = counters.get(response.status)
             if counter is None:
                 counter = counters[response.status] = self.metrics.requests.labels(

@@ -1,7 +1,8 @@
 """The composition root: builds the aiohttp app from a Config and runs it.
 
-The store, the HTTP client session and the forwarder each live in one `cleanup_ctx` generator,
-so teardown runs in reverse order and only for what started (style.md 1).
+The store, the session timer, the HTTP client session with the forwarder, and the watchdog
+each live in one `cleanup_ctx` generator, so teardown runs in reverse order and only for what
+started (style.md 1).
 """
 
 from __future__ import annotations
@@ -13,18 +14,32 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 from aiohttp import web
 
+from . import ops
+from .appkeys import (
+    CONFIG,
+    FATAL,
+    FORWARDER,
+    METRICS,
+    NOTIFIER,
+    RECEIVER,
+    SESSION_TIMER,
+    STOPPING,
+    STORE,
+)
 from .config import Config
 from .forward import DryRunSender, Forwarder, HttpSender, Sender
 from .infinario import api_style
 from .limits import ProjectLimits
-from .mapping import MappingSettings
+from .mapping import mapping_settings
 from .metrics import Metrics
+from .notify import Notifier
 from .receive import Receiver
 from .session_timer import SessionTimer
 from .sessions import SessionRules
@@ -32,20 +47,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
-METRICS = web.AppKey("metrics", Metrics)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-SESSION_TIMER = web.AppKey("session_timer", SessionTimer)
-STOPPING = web.AppKey("stopping", asyncio.Event)
-# Set when a task the relay cannot run without (the forwarder) died: serve() exits non-zero.
-FATAL = web.AppKey("fatal", asyncio.Event)
-
-
-def mapping_settings(config: Config) -> MappingSettings:
-    """The mapping's view of the config."""
-    m = config.mapping
-    return MappingSettings(m.registered_id, m.cookie_id, m.context_fields)
+__all__ = ["FORWARDER", "METRICS", "SESSION_TIMER", "STORE", "create_app", "serve"]
 
 
 def create_app(
@@ -56,12 +58,14 @@ def create_app(
     clock: Callable[[], float] = time.time,
     forward: bool = True,
     session_timer: bool = True,
+    environ: Mapping[str, str] | None = None,
 ) -> web.Application:
-    """The relay as an aiohttp app: Segment API, health endpoints, store and forwarder.
+    """The relay as an aiohttp app: Segment API, operator endpoints, store and forwarder.
 
     `forward=False` builds a receiver only (the forwarder is not started), for tests that
     inspect the queue; `session_timer=False` leaves idle sessions to `SessionTimer.tick()`
-    called by a test that drives the clock.
+    called by a test that drives the clock; `environ` is where systemd's NOTIFY_SOCKET and
+    WATCHDOG_USEC are read (the process environment by default).
     """
     if not dry_run and forward:
         config.check_destination()
@@ -70,20 +74,21 @@ def create_app(
     app[METRICS] = Metrics()
     app[STOPPING] = asyncio.Event()
     app[FATAL] = asyncio.Event()
-    receiver = Receiver(config, app[METRICS], clock)
-    receiver.add_routes(app)
-    app.cleanup_ctx.append(functools.partial(_store_ctx, receiver=receiver))
+    app[NOTIFIER] = Notifier(environ)
+    app[RECEIVER] = Receiver(config, app[METRICS], clock, app[STOPPING])
+    app[RECEIVER].add_routes(app)
+    app.cleanup_ctx.append(_store_ctx)
     if config.sessions.enabled and session_timer:
         app.cleanup_ctx.append(functools.partial(_session_timer_ctx, clock=clock))
     if forward:
         sender = functools.partial(_sender, dry_run=dry_run, dry_run_out=dry_run_out, clock=clock)
         app.cleanup_ctx.append(functools.partial(_forwarder_ctx, sender=sender, clock=clock))
-    app.router.add_get("/health", _health)
-    app.router.add_get("/ready", _ready)
+    if config.server.admin_port is None:
+        ops.add_routes(app, app)
     return app
 
 
-async def _store_ctx(app: web.Application, *, receiver: Receiver) -> AsyncIterator[None]:
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     q, s = config.queue, config.sessions
     app[STORE] = await Store.open(
@@ -94,7 +99,7 @@ async def _store_ctx(app: web.Application, *, receiver: Receiver) -> AsyncIterat
         max_size=q.max_size,
         sessions=SessionRules.of(s.idle_timeout_s, s.event_types) if s.enabled else None,
     )
-    receiver.store = app[STORE]
+    app[RECEIVER].store = app[STORE]
     log.info(
         "queue open at %s with %d messages pending",
         q.path,
@@ -141,8 +146,13 @@ async def _forwarder_ctx(
             clock,
             limits,
         )
+        forwarder.grace_s = config.shutdown.grace_s
+        watchdog_s = app[NOTIFIER].watchdog_s
+        if watchdog_s is not None:
+            forwarder.max_wait_s = watchdog_s / 4
         app[FORWARDER] = forwarder
-        async with _background(app, "forwarder", forwarder.run):
+        # Stopping begins with STOPPING: the forwarder stops claiming and drains first.
+        async with _background(app, "forwarder", forwarder.run, app[STOPPING]):
             yield
 
 
@@ -159,12 +169,15 @@ async def _session_timer_ctx(
 
 @contextlib.asynccontextmanager
 async def _background(
-    app: web.Application, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+    app: web.Application,
+    name: str,
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[None]:
     """Run `run(stop)` as a supervised task; on exit set `stop` and wait for it to finish."""
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     task = asyncio.create_task(run(stop), name=name)
-    task.add_done_callback(lambda t: _supervise(t, app[FATAL]))
+    task.add_done_callback(functools.partial(_supervise, fatal=app[FATAL], stop=stop))
     try:
         yield
     finally:
@@ -174,9 +187,10 @@ async def _background(
             await task
 
 
-def _supervise(task: asyncio.Task[None], fatal: asyncio.Event) -> None:
-    """A forwarder that dies takes the process down, so systemd restarts it cleanly."""
-    if task.cancelled() or task.exception() is None:
+def _supervise(task: asyncio.Task[None], *, fatal: asyncio.Event, stop: asyncio.Event) -> None:
+    """A task that dies (or ends before it was told to) takes the process down, so systemd
+    restarts it cleanly."""
+    if task.cancelled() or (task.exception() is None and stop.is_set()):
         return
     log.critical(
         "the %s task died",
@@ -187,50 +201,85 @@ def _supervise(task: asyncio.Task[None], fatal: asyncio.Event) -> None:
     fatal.set()
 
 
-async def _health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+async def serve(config: Config, *, dry_run: bool = False, config_path: Path | None = None) -> int:
+    """Run the relay until SIGTERM or SIGINT, then stop cleanly; return the exit code.
 
-
-async def _ready(request: web.Request) -> web.Response:
-    app = request.app
-    reasons = []
-    if app[STOPPING].is_set():
-        reasons.append("shutting down")
-    if FORWARDER in app and app[FORWARDER].state.credentials_error:
-        reasons.append(f"destination credentials refused: {app[FORWARDER].state.credentials_error}")
-    if reasons:
-        return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    return web.json_response({"ready": True})
-
-
-async def serve(config: Config, *, dry_run: bool = False) -> int:
-    """Run the relay until SIGTERM or SIGINT, then stop cleanly; return the exit code."""
+    Stopping: /ready and the Segment API answer 503 at once, the forwarder stops claiming and
+    its batches in flight get `shutdown.grace` to finish, then open requests are answered and
+    the listeners and the queue close. A second signal skips the grace period.
+    """
     app = create_app(config, dry_run=dry_run)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
+    sites = [web.TCPSite(runner, config.server.host, config.server.port)]
+    admin: web.AppRunner | None = None
+    if config.server.admin_port is not None:
+        admin_app = web.Application()
+        ops.add_routes(admin_app, app)
+        admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        await admin.setup()
+        sites.append(web.TCPSite(admin, config.server.admin_host, config.server.admin_port))
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
     except OSError as exc:
-        await runner.cleanup()
-        raise SystemExit(
-            f"segment-relay: cannot listen on {config.server.host}:{config.server.port}: "
-            f"{exc.strerror}"
-        ) from exc
+        await _cleanup(runner, admin)
+        raise SystemExit(f"segment-relay: cannot listen: {exc.strerror}") from exc
     host, port = runner.addresses[0][:2]
     # Tests and people read this line to learn the port (server.port: 0 picks a free one).
     print(f"segment-relay listening on http://{host}:{port}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    stopped = asyncio.ensure_future(stop.wait())
-    fatal = asyncio.ensure_future(app[FATAL].wait())
-    await asyncio.wait([stopped, fatal], return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    fatal.cancel()
-    app[STOPPING].set()
-    log.info("stopping", extra={"action": "stopping"})
-    await runner.cleanup()
+    if admin is not None:
+        a_host, a_port = admin.addresses[0][:2]
+        print(f"segment-relay admin on http://{a_host}:{a_port}", file=sys.stderr, flush=True)
+    app[NOTIFIER].ready(ops.status_line(app))
+    pinging = asyncio.Event()
+    watchdog = None
+    if app[NOTIFIER].watchdog_s is not None:
+        watchdog = asyncio.create_task(ops.watchdog(app, pinging), name="watchdog")
+    await _until_stopped(app, config_path)
+    pinging.set()
+    if watchdog is not None:
+        await watchdog
+    app[NOTIFIER].stopping(ops.status_line(app))
+    await _cleanup(runner, admin)
     log.info("stopped", extra={"action": "stopped"})
     return 1 if app[FATAL].is_set() else 0
+
+
+async def _until_stopped(app: web.Application, config_path: Path | None) -> None:
+    """Wait for SIGTERM/SIGINT (or a dead task), then drain the forwarder within the grace."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, ops.reload, app, config_path)
+    waiters: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(app[FATAL].wait()),
+    ]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping", extra={"action": "stopping"})
+    app[STOPPING].set()
+    forwarder = app.get(FORWARDER)
+    if forwarder is not None:
+        # A second signal: stop waiting for batches in flight (they stay queued).
+        stop.clear()
+        hurry = asyncio.ensure_future(stop.wait())
+        drained = asyncio.ensure_future(forwarder.stopped())
+        await asyncio.wait([hurry, drained], return_when=asyncio.FIRST_COMPLETED)
+        if not drained.done():
+            log.warning(
+                "second signal: not waiting for batches in flight", extra={"action": "hurry"}
+            )
+            forwarder.grace_s = 0
+            await forwarder.finish(0)
+        waiters += [hurry, drained]
+    for waiter in waiters:
+        waiter.cancel()
+
+
+async def _cleanup(runner: web.AppRunner, admin: web.AppRunner | None) -> None:
+    if admin is not None:
+        await admin.cleanup()
+    await runner.cleanup()

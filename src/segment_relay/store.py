@@ -142,6 +142,10 @@ class Store:
         self.new_work = asyncio.Event()
         # Set when a session opens: the session timer recomputes its next deadline.
         self.sessions_changed = asyncio.Event()
+        # Why the latest commit failed for lack of room (None once one succeeds): /ready.
+        self.full_error: str | None = None
+        self.sessions_started = 0
+        self.sessions_ended = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -290,10 +294,12 @@ class Store:
             log.error(  # noqa: TRY400 - a full disk needs no traceback
                 "queue commit failed: %s", exc, extra={"action": "commit_failed"}
             )
+            self.full_error = str(exc) if _is_full(exc) else None
             for _, future in groups:
                 if not future.done():
                     future.set_exception(error)
             return
+        self.full_error = None
         for (_, future), count in zip(groups, counts, strict=True):
             if not future.done():
                 future.set_result(count)
@@ -385,6 +391,11 @@ class Store:
                     if state is not None:
                         states[activity.user_key] = changed[activity.user_key] = state
                     rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
+                    for event in events:
+                        if event.kind == "session_start":
+                            self.sessions_started += 1
+                        else:
+                            self.sessions_ended += 1
                 rows.append(message)
             expanded.append((rows, len(rows) - len(messages)))
         saved = [
@@ -425,6 +436,7 @@ class Store:
             return len(due)
 
         closed = await self._write(expire)
+        self.sessions_ended += closed
         if closed:
             self._pending_count += closed
             self.new_work.set()

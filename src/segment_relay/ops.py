@@ -1,0 +1,146 @@
+"""What operators talk to: /health, /ready, /metrics, the systemd watchdog, and SIGHUP reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
+from .config import Config, load_config
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Keys SIGHUP applies; any other change needs a restart.
+RELOADABLE = ("sources", "destination", "mapping")
+
+
+def add_routes(app: web.Application, relay: web.Application) -> None:
+    """Serve the operator endpoints of `relay` on `app` (the relay itself or its admin app)."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def ready(request: web.Request) -> web.Response:
+        reasons = not_ready(relay)
+        if reasons:
+            return web.json_response({"ready": False, "reasons": reasons}, status=503)
+        return web.json_response({"ready": True})
+
+    async def metrics(request: web.Request) -> web.Response:
+        await refresh_gauges(relay)
+        body = generate_latest(relay[METRICS].registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+
+
+def not_ready(app: web.Application) -> list[str]:
+    """Why the relay cannot accept and forward now (empty when it can)."""
+    reasons = []
+    if app[STOPPING].is_set():
+        reasons.append("shutting down")
+    if STORE not in app:
+        reasons.append("the queue is not open")
+    elif app[STORE].full_error:
+        reasons.append(f"the queue is full: {app[STORE].full_error}")
+    if FORWARDER in app and app[FORWARDER].state.credentials_error:
+        reasons.append(f"destination credentials refused: {app[FORWARDER].state.credentials_error}")
+    return reasons
+
+
+async def refresh_gauges(app: web.Application) -> None:
+    """Read the queue's state into the gauges, at scrape time."""
+    metrics, store = app[METRICS], app.get(STORE)
+    if store is None:
+        return
+    now = time.time()
+    stats = await store.stats(now)
+    metrics.queue_depth.set(stats.pending)
+    metrics.queue_oldest_age.set(
+        0 if stats.oldest_received_at is None else now - stats.oldest_received_at
+    )
+    metrics.queue_in_backoff.set(stats.in_backoff)
+    open_sessions, _ = await store.session_stats()
+    metrics.sessions_open.set(open_sessions)
+    metrics.sessions_started.set(store.sessions_started)
+    metrics.sessions_ended.set(store.sessions_ended)
+
+
+def status_line(app: web.Application) -> str:
+    """The STATUS= text systemd shows: queue depth, and why not ready."""
+    depth = app[STORE].pending_count if STORE in app else 0
+    reasons = not_ready(app)
+    return f"{depth} messages queued" + (f"; not ready: {'; '.join(reasons)}" if reasons else "")
+
+
+def forwarder_alive(app: web.Application) -> bool:
+    """The forwarder's loop turned within the watchdog interval (or there is none)."""
+    notifier = app[NOTIFIER]
+    if FORWARDER not in app or notifier.watchdog_s is None:
+        return True
+    return time.monotonic() - app[FORWARDER].state.heartbeat < notifier.watchdog_s
+
+
+async def watchdog(app: web.Application, stop: asyncio.Event) -> None:
+    """Ping systemd's watchdog at half its interval while the loop and the forwarder live.
+
+    The pings come from this coroutine, so a blocked event loop stops them; a forwarder
+    whose loop stopped turning (wedged) stops them too, and systemd restarts the relay.
+    """
+    notifier = app[NOTIFIER]
+    assert notifier.watchdog_s is not None
+    while not stop.is_set():
+        if forwarder_alive(app):
+            notifier.watchdog(status_line(app))
+        else:
+            log.error(
+                "the forwarder is not moving: watchdog pings stopped",
+                extra={"action": "watchdog_withheld"},
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), notifier.watchdog_s / 2)
+
+
+def reload(app: web.Application, path: Path) -> list[str]:
+    """Apply the config file's reloadable keys (SIGHUP); return what changed.
+
+    Write keys, destination settings and mapping names change in place; other keys are
+    left as they are, with a warning that they need a restart. A bad file changes nothing.
+    """
+    old: Config = app[CONFIG]
+    try:
+        new = load_config(path)
+        if FORWARDER in app and app[FORWARDER].sends:
+            new.check_destination()
+    except ConfigError as exc:
+        log.error(  # noqa: TRY400 - the message names the bad key; no traceback needed
+            "reload refused, the running config stays: %s", exc, extra={"action": "reload_failed"}
+        )
+        return []
+    changed = [name for name in RELOADABLE if getattr(old, name) != getattr(new, name)]
+    fixed = [
+        name
+        for name in ("server", "queue", "sessions", "shutdown")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if fixed:
+        log.warning(
+            "reload: %s changed and need a restart",
+            ", ".join(fixed),
+            extra={"action": "reload_partial"},
+        )
+    app[CONFIG] = new
+    app[RECEIVER].reload(new)
+    if FORWARDER in app:
+        app[FORWARDER].reload(new)
+    log.info("reloaded: %s", ", ".join(changed) or "nothing changed", extra={"action": "reloaded"})
+    return changed
