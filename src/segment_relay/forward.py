@@ -256,7 +256,7 @@ class Forwarder:
                 if now < until and self.store.pending_count < pending + size:
                     return until - now
                 self._lingering = None
-            rows = await self.store.due(now, self._busy_users, size * 2)
+            rows = await self.store.due(now, self._busy_users, size)
             rows = await self._expire(rows, now)
             selection = select_batch(rows, size, self.config.linger_s, now)
             if not selection.batch:

@@ -52,8 +52,8 @@ def _session_from_row(row: Sequence[Any]) -> SessionState:
         started_at=row[2],
         last_activity=row[3],
         expires_at=row[4],
-        ids=orjson.loads(row[5]),
-        context=None if row[6] is None else orjson.loads(row[6]),
+        ids=row[5] if isinstance(row[5], dict) else orjson.loads(row[5]),
+        context=row[6] if row[6] is None or isinstance(row[6], dict) else orjson.loads(row[6]),
     )
 
 
@@ -399,11 +399,11 @@ class Store:
                 rows.append(message)
             expanded.append((rows, len(rows) - len(messages)))
         saved = [
-            (s.user_key, s.source, s.started_at, s.last_activity, s.expires_at,
-             orjson.dumps(s.ids), None if s.context is None else orjson.dumps(s.context))
+            [s.user_key, s.source, s.started_at, s.last_activity, s.expires_at, s.ids, s.context]
             for s in changed.values()
-        ]  # fmt: skip
-        raw.executemany(Q["save_session"], saved)
+        ]
+        if saved:
+            raw.execute(Q["save_sessions"], (orjson.dumps(saved).decode(),))
         return expanded
 
     def _already_accepted(
@@ -418,8 +418,8 @@ class Store:
     @staticmethod
     def _sessions_of(raw: sqlite3.Connection, users: set[str]) -> dict[str, SessionState]:
         users_json = orjson.dumps(sorted(users)).decode()
-        rows = raw.execute(Q["sessions_of"], (users_json,)).fetchall()
-        return {r[0]: _session_from_row(r) for r in rows}
+        [(found,)] = raw.execute(Q["sessions_of"], (users_json,)).fetchall()
+        return {r[0]: _session_from_row(r) for r in orjson.loads(found)}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
         """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.

@@ -141,6 +141,8 @@ class FakeInfinario:
         self.script: collections.deque[Reply] = collections.deque()
         # Called with the request's commands when the script is empty; None answers all ok.
         self.responder: Callable[[list[Any]], Reply] | None = None
+        # When set to an unset Event, requests wait for it before they are answered.
+        self.gate: asyncio.Event | None = None
         self.requests: list[Received] = []
         self.accepted: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
@@ -197,6 +199,8 @@ class FakeInfinario:
         )
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
         headers = dict(request.headers)
         if reply.drop:
             await self._record(Received(request.path, headers, commands, 0, []), [])

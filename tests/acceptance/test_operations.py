@@ -293,17 +293,17 @@ async def test_sigterm_with_a_backlog_drains_in_flight_and_loses_nothing(tmp_pat
                 0
             ] == 200
         await fake.wait_for(lambda f: len(f.accepted) >= 100)
+        # Hold the batches in flight at the API while we look at /ready during the drain.
+        fake.gate = asyncio.Event()
         started = asyncio.get_running_loop().time()
         daemon.process.send_signal(signal.SIGTERM)
         ready: list[tuple[int, Any]] = []
-        async with aiohttp.ClientSession() as session:
-            while daemon.process.returncode is None and not ready:
-                try:
-                    async with session.get(daemon.url + "/ready") as response:
-                        if response.status == 503:
-                            ready.append((response.status, await response.json()))
-                except aiohttp.ClientError:
-                    break
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            while not ready:
+                async with session.get(daemon.url + "/ready") as response:
+                    if response.status == 503:
+                        ready.append((response.status, await response.json()))
+        fake.gate.set()
         code = await daemon.stop()
         took = asyncio.get_running_loop().time() - started
         assert code == 0

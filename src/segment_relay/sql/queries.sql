@@ -94,12 +94,21 @@ WHERE d.received_at >= :since;
 DELETE FROM dedup WHERE received_at < ?;
 
 -- name: sessions_of
-SELECT user_key, source, started_at, last_activity, expires_at, ids, context
+-- The sessions of the users in ? (a JSON array), as one JSON array in one row.
+SELECT '[' || COALESCE(group_concat(
+    '[' || json_quote(user_key) || ',' || json_quote(source) || ',' || json_quote(started_at)
+    || ',' || json_quote(last_activity) || ',' || json_quote(expires_at) || ','
+    || CAST(ids AS TEXT) || ',' || COALESCE(CAST(context AS TEXT), 'null') || ']', ','), '') || ']'
 FROM sessions WHERE user_key IN (SELECT value FROM json_each(?));
 
--- name: save_session
+-- name: save_sessions
+-- ? is a JSON array of [user_key, source, started_at, last_activity, expires_at, ids, context]
+-- with ids and context as JSON objects (context may be null).
 INSERT OR REPLACE INTO sessions (user_key, source, started_at, last_activity, expires_at, ids, context)
-VALUES (?, ?, ?, ?, ?, ?, ?);
+SELECT json_extract(s.value, '$[0]'), json_extract(s.value, '$[1]'), json_extract(s.value, '$[2]'),
+       json_extract(s.value, '$[3]'), json_extract(s.value, '$[4]'), json_extract(s.value, '$[5]'),
+       json_extract(s.value, '$[6]')
+FROM json_each(?) AS s;
 
 -- name: expired_sessions
 SELECT user_key, source, started_at, last_activity, expires_at, ids, context

@@ -1,0 +1,98 @@
+"""Sessions benchmark (issue 6), in one run:
+
+  .venv/bin/python bench/sessions.py [--sessions 1000000] [--seconds 10]
+
+(1) Opens N sessions through the store (page calls of N users, 1,000 per commit), and prints
+    the resident memory of this process before and after, the database size, and the time to
+    expire them all through the session timer.
+(2) Page-call ingest of the real daemon with sessions on and off (wrk, 64 connections, five
+    page calls per user, so one call in five opens a session), and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from common import fake_api, relay, relay_config, wrk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from segment_relay.records import NewMessage  # noqa: E402
+from segment_relay.session_timer import SessionTimer  # noqa: E402
+from segment_relay.sessions import SessionRules  # noqa: E402
+from segment_relay.store import Store  # noqa: E402
+
+
+def rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def db_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if not p.name.endswith(".lock")) / 2**20
+
+
+async def open_sessions(path: Path, count: int) -> None:
+    store = await Store.open(path, sessions=SessionRules.of(1800, ["page"]))
+    now = time.time()
+    before = rss_mb()
+    started = time.perf_counter()
+    checkpoints = {count // 10, count // 2, count}
+    for start in range(0, count, 1000):
+        batch = []
+        for n in range(start, min(start + 1000, count)):
+            message = {"type": "page", "anonymousId": f"a{n}", "messageId": f"p{n}", "name": "Home",
+                       "timestamp": "2024-03-01T12:00:00.000Z", "context": {"userAgent": "bench"}}
+            batch.append(NewMessage("bench", f"p{n}", f"a{n}", "page", orjson.dumps(message), now, message))
+        await store.enqueue(batch)
+        if start + 1000 in checkpoints:
+            opened, _ = await store.session_stats()
+            print(f"  {opened:>9,} open sessions: RSS {rss_mb():6.1f} MiB (started at {before:.1f}), "
+                  f"database {db_size_mb(path):7.1f} MiB, {time.perf_counter() - started:6.1f}s")
+    opened, _ = await store.session_stats()
+    timer = SessionTimer(store, clock=lambda: now + 3600)
+    started = time.perf_counter()
+    closed = await timer.tick()
+    took = time.perf_counter() - started
+    left, _ = await store.session_stats()
+    print(f"  expired {closed:,} of {opened:,} sessions in {took:.1f}s ({closed / took:,.0f}/s), {left} left; "
+          f"RSS {rss_mb():.1f} MiB")
+    await store.close()
+
+
+def ingest(tmp: Path, sessions: bool, seconds: int) -> float:
+    with fake_api() as api, relay(relay_config(tmp, api.url, sessions={"enabled": sessions})) as daemon:
+        result = wrk(daemon.url + "/v1/page", b"", seconds=seconds, script="pages.lua")
+        rss, peak = daemon.rss_mb()
+    print(f"  sessions {'on ' if sessions else 'off'}: {result.ok_per_s(1):8,.0f} page calls/s, p99 {result.p99_ms:.1f} ms, "
+          f"non-2xx {result.non_2xx}, daemon RSS {rss:.0f} MiB (peak {peak:.0f})")
+    return result.ok_per_s(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sessions", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    if args.sessions:
+        with tempfile.TemporaryDirectory() as d:
+            print(f"(1) {args.sessions:,} sessions through the store")
+            asyncio.run(open_sessions(Path(d) / "sessions.db", args.sessions))
+    print(f"(2) page-call ingest, 64 connections, {args.seconds}s each")
+    rates = []
+    for sessions in (False, True, False, True):
+        with tempfile.TemporaryDirectory() as d:
+            rates.append(ingest(Path(d), sessions, args.seconds))
+    off, on = (rates[0] + rates[2]) / 2, (rates[1] + rates[3]) / 2
+    print(f"  sessions on / off = {on / off:.2f}x (cost {100 * (1 - on / off):.0f}% of page-call ingest)")
+
+
+if __name__ == "__main__":
+    main()
