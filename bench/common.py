@@ -134,8 +134,9 @@ def wrk(url: str, body: bytes, *, connections: int = 64, seconds: int = 10, scri
         requests=int(requests),
         non_2xx=int(non.group(1)) if non else 0,
         seconds=float(took) / (1000 if unit == "ms" else 1),
-        p50_ms=_ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        p99_ms=_ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        # Anchored: "70.50%" in the thread stats above must not match.
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),  # type: ignore[union-attr]
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE).group(1)),  # type: ignore[union-attr]
     )
 
 

@@ -143,8 +143,9 @@ class Daemon:
             await self.stdout_changed.wait_for(lambda: len(self.stdout_lines) >= count)
         return list(self.stdout_lines)
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.process.returncode is None:
+    async def stop(self, sig: int | None = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        """Send `sig` (None: none, the daemon is already stopping) and wait for the exit."""
+        if self.process.returncode is None and sig is not None:
             self.process.send_signal(sig)
         async with asyncio.timeout(timeout_s):
             code = await self.process.wait()

@@ -24,7 +24,7 @@ import orjson
 
 from .errors import StoreError, StoreFullError
 from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
-from .sessions import Activity, SessionEvent, SessionRules, SessionState
+from .sessions import SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 Group = tuple[list[NewMessage], "asyncio.Future[int]"]
@@ -135,6 +135,7 @@ class Store:
         self._max_pending = max_pending
         self._pending_count = pending
         self._queue: list[Group] = []
+        self._sessions_lock = asyncio.Lock()
         self._queued = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
@@ -279,12 +280,11 @@ class Store:
                 return
 
     async def _commit_groups(self, groups: list[Group]) -> None:
-        activities = self._activities(groups)
         try:
-            counts, session_rows = await self._write(
-                lambda raw: self._insert_groups(raw, groups, activities),
-                one_statement=not activities,
-            )
+            # Sessions are read, advanced and written by one commit at a time (the timer's
+            # expiry included), so no two of them work from the same session row.
+            async with self._sessions_lock:
+                counts, session_rows, started = await self._commit(groups)
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             error = (
                 StoreFullError(f"the queue database is full: {exc}")
@@ -304,14 +304,52 @@ class Store:
             if not future.done():
                 future.set_result(count)
         self._pending_count += sum(counts) + session_rows
-        if session_rows:
+        self.sessions_started += started
+        self.sessions_ended += session_rows - started
+        if started:
             self.sessions_changed.set()
         if sum(counts) or session_rows:
             self.new_work.set()
 
-    def _insert(self, raw: sqlite3.Connection, rows: list[NewMessage]) -> int:
-        """Insert `rows` in one statement; return how many were new (rowcount leaves out the
-        dedup rows the trigger writes)."""
+    async def _commit(self, groups: list[Group]) -> tuple[list[int], int, int]:
+        """Store the groups' messages with the session events they cause, in one transaction.
+
+        The Python work (session rules, JSON) happens here on the event loop; the SQLite
+        thread only runs statements, so it never waits for Python's lock in the middle.
+        Returns each request's count of new messages, the session rows and the sessions started.
+        """
+        expanded, saved, started = await self._expand_sessions(groups)
+        rows = self._unique([m for group_rows, _ in expanded for m in group_rows])
+        array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
+        sessions_json = orjson.dumps(saved).decode() if saved else None
+
+        def write(raw: sqlite3.Connection) -> tuple[int, int]:
+            if sessions_json is not None:
+                raw.execute(Q["save_sessions"], (sessions_json,))
+            inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
+            last = 0
+            if inserted < len(rows):
+                [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
+            return inserted, int(last)
+
+        inserted, last = await self._write(write, one_statement=sessions_json is None)
+        session_rows = sum(n for _, n in expanded)
+        stored = {id(m) for m in rows}
+        if inserted < len(rows):
+            # Some were duplicates of earlier commits (rare): the inserted rows are the last
+            # `inserted` seqs, since that transaction was the only writer.
+            found = await self._reader.execute_fetchall(
+                Q["inserted_since"], (last - inserted, last)
+            )
+            new = {(str(r[0]), str(r[1])) for r in found}
+            stored = {id(m) for m in rows if (m.source, m.message_id) in new}
+        counts = [sum(id(m) in stored for m in messages) for messages, _ in groups]
+        return counts, session_rows, started
+
+    @staticmethod
+    def _unique(rows: list[NewMessage]) -> list[NewMessage]:
+        """Repeats of a (source, messageId) within one commit left out (the statement does not
+        see the dedup rows its own trigger writes)."""
         seen: set[tuple[str, str]] = set()
         unique = []
         for m in rows:
@@ -319,67 +357,31 @@ class Store:
             if key not in seen:
                 seen.add(key)
                 unique.append(m)
-        if not unique:
-            return 0
-        array = orjson.dumps([m.row(self._dedup_window_s) for m in unique]).decode()
-        return max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0)
-
-    def _insert_groups(
-        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
-    ) -> tuple[list[int], int]:
-        """In the SQLite thread: every request's messages (and the session events they cause)
-        in one statement; returns each request's count of new messages and the session rows."""
-        expanded = self._apply_sessions(raw, groups, activities)
-        rows = [m for group_rows, _ in expanded for m in group_rows]
-        inserted = self._insert(raw, rows)
-        session_rows = sum(n for _, n in expanded)
-        if inserted == len(rows):
-            return [len(messages) for messages, _ in groups], session_rows
-        # Some were duplicates (rare): the inserted rows are the last `inserted` seqs, since
-        # this transaction is the only writer.
-        [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
-        found = raw.execute(Q["inserted_since"], (int(last) - inserted, int(last))).fetchall()
-        new = {(str(r[0]), str(r[1])) for r in found}
-        counts = []
-        for messages, _ in groups:
-            count = 0
-            for m in messages:
-                if (m.source, m.message_id) in new:
-                    new.discard((m.source, m.message_id))  # a repeat in the same commit
-                    count += 1
-            counts.append(count)
-        return counts, session_rows
+        return unique
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def _activities(self, groups: list[Group]) -> dict[int, Activity]:
-        """The session activity among the messages, by id() of the message."""
+    async def _expand_sessions(
+        self, groups: list[Group]
+    ) -> tuple[list[tuple[list[NewMessage], int]], list[list[Any]], int]:
+        """Each group's rows with the session events they cause (and how many those are), the
+        session rows to save, and how many sessions start."""
         rules = self._rules
-        if rules is None:
-            return {}
-        return {
+        activities = {} if rules is None else {
             id(m): a
             for messages, _ in groups
             for m in messages
             if m.message is not None
             and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
-        }
-
-    def _apply_sessions(
-        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
-    ) -> list[tuple[list[NewMessage], int]]:
-        """Each group's rows with the session events they cause, and how many those are.
-
-        Runs in the commit's transaction: the session rows are written with the calls.
-        """
-        rules = self._rules
+        }  # fmt: skip
         if rules is None or not activities:
-            return [(messages, 0) for messages, _ in groups]
+            return [(messages, 0) for messages, _ in groups], [], 0
         candidates = [m for messages, _ in groups for m in messages if id(m) in activities]
-        seen = self._already_accepted(raw, candidates)
-        states = self._sessions_of(raw, {a.user_key for a in activities.values()})
+        seen = await self._already_accepted(candidates)
+        states = await self._sessions_of({a.user_key for a in activities.values()})
         changed: dict[str, SessionState] = {}
         expanded: list[tuple[list[NewMessage], int]] = []
+        started = 0
         for messages, _ in groups:
             rows: list[NewMessage] = []
             for message in messages:
@@ -391,34 +393,26 @@ class Store:
                     if state is not None:
                         states[activity.user_key] = changed[activity.user_key] = state
                     rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
-                    for event in events:
-                        if event.kind == "session_start":
-                            self.sessions_started += 1
-                        else:
-                            self.sessions_ended += 1
+                    started += sum(e.kind == "session_start" for e in events)
                 rows.append(message)
             expanded.append((rows, len(rows) - len(messages)))
         saved = [
             [s.user_key, s.source, s.started_at, s.last_activity, s.expires_at, s.ids, s.context]
             for s in changed.values()
         ]
-        if saved:
-            raw.execute(Q["save_sessions"], (orjson.dumps(saved).decode(),))
-        return expanded
+        return expanded, saved, started
 
-    def _already_accepted(
-        self, raw: sqlite3.Connection, messages: list[NewMessage]
-    ) -> set[tuple[str, str]]:
+    async def _already_accepted(self, messages: list[NewMessage]) -> set[tuple[str, str]]:
         """(source, messageId) of these messages already accepted within the dedup window."""
         pairs = orjson.dumps([[m.source, m.message_id] for m in messages]).decode()
         since = min(m.received_at for m in messages) - self._dedup_window_s
-        rows = raw.execute(Q["accepted_ids"], {"pairs": pairs, "since": since}).fetchall()
+        rows = await self._reader.execute_fetchall(
+            Q["accepted_ids"], {"pairs": pairs, "since": since}
+        )
         return {(str(r[0]), str(r[1])) for r in rows}
 
-    @staticmethod
-    def _sessions_of(raw: sqlite3.Connection, users: set[str]) -> dict[str, SessionState]:
-        users_json = orjson.dumps(sorted(users)).decode()
-        [(found,)] = raw.execute(Q["sessions_of"], (users_json,)).fetchall()
+    async def _sessions_of(self, users: set[str]) -> dict[str, SessionState]:
+        (found,) = await self._one("sessions_of", (orjson.dumps(sorted(users)).decode(),))
         return {r[0]: _session_from_row(r) for r in orjson.loads(found)}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
@@ -431,11 +425,14 @@ class Store:
             found = raw.execute(Q["expired_sessions"], (now, limit)).fetchall()
             due = [_session_from_row(r) for r in found]
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
-            self._insert(raw, rows)
+            if rows:
+                array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
+                raw.execute(Q["insert_messages"], (array,))
             raw.executemany(Q["delete_session"], [(s.user_key,) for s in due])
             return len(due)
 
-        closed = await self._write(expire)
+        async with self._sessions_lock:
+            closed = await self._write(expire)
         self.sessions_ended += closed
         if closed:
             self._pending_count += closed

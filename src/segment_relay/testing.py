@@ -143,6 +143,7 @@ class FakeInfinario:
         self.responder: Callable[[list[Any]], Reply] | None = None
         # When set to an unset Event, requests wait for it before they are answered.
         self.gate: asyncio.Event | None = None
+        self.held = 0  # requests that have waited at the gate
         self.requests: list[Received] = []
         self.accepted: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
@@ -199,7 +200,10 @@ class FakeInfinario:
         )
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
-        if self.gate is not None:
+        if self.gate is not None and not self.gate.is_set():
+            async with self._changed:
+                self.held += 1
+                self._changed.notify_all()
             await self.gate.wait()
         headers = dict(request.headers)
         if reply.drop:

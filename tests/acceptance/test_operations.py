@@ -178,6 +178,7 @@ async def test_admin_endpoints_on_their_own_port(tmp_path: Path) -> None:
         )
         daemon = await start_daemon(config)
         try:
+            await daemon.wait_stderr("admin on")
             admin = next(
                 line.rsplit(" ", 1)[-1] for line in daemon.stderr_lines if "admin on" in line
             )
@@ -295,6 +296,7 @@ async def test_sigterm_with_a_backlog_drains_in_flight_and_loses_nothing(tmp_pat
         await fake.wait_for(lambda f: len(f.accepted) >= 100)
         # Hold the batches in flight at the API while we look at /ready during the drain.
         fake.gate = asyncio.Event()
+        await fake.wait_for(lambda f: f.held >= 1)
         started = asyncio.get_running_loop().time()
         daemon.process.send_signal(signal.SIGTERM)
         ready: list[tuple[int, Any]] = []
@@ -304,7 +306,8 @@ async def test_sigterm_with_a_backlog_drains_in_flight_and_loses_nothing(tmp_pat
                     if response.status == 503:
                         ready.append((response.status, await response.json()))
         fake.gate.set()
-        code = await daemon.stop()
+        # No second signal: that would mean "stop now" (batches in flight stay queued).
+        code = await daemon.stop(sig=None)
         took = asyncio.get_running_loop().time() - started
         assert code == 0
         assert took < 10 + 5  # the grace period, and a margin for start-up of teardown
