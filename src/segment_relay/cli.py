@@ -161,9 +161,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import serve
 
     config = load_config(args.config)
-    import os
-
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve(config, dry_run=args.dry_run, config_path=Path(args.config)))
 
