@@ -8,6 +8,7 @@ import contextlib
 import logging
 import logging.config
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,6 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", required=True)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    dev = commands.add_parser(
+        "dev", help="local development: the relay with a throwaway queue, printing or faking"
+    )
+    dev.add_argument("--port", type=int, default=8088, help="the Segment API's port (0: any)")
+    dev_mode = dev.add_mutually_exclusive_group()
+    dev_mode.add_argument(
+        "--dry-run", action="store_true", help="print each command as a JSON line (the default)"
+    )
+    dev_mode.add_argument(
+        "--fake-infinario",
+        action="store_true",
+        help="forward to a fake Infinario API in the same process",
+    )
+
     dead = commands.add_parser("dead-letters", help="list, show, replay or purge dead letters")
     dead_commands = dead.add_subparsers(dest="action", required=True)
     listing = dead_commands.add_parser("list", help="one line per dead letter, oldest first")
@@ -136,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "fake-infinario": _fake,
         "dead-letters": _dead_letters,
+        "dev": _dev,
     }[args.command]
     try:
         return handler(args)
@@ -301,3 +317,13 @@ async def _dead_letter_action(store: Store, args: argparse.Namespace) -> int:
     older = parse_duration(args.older_than, "--older-than")
     print(f"purged {await store.purge_dead_letters(now - older)} dead letters")
     return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from .service import dev
+
+    with (
+        tempfile.TemporaryDirectory(prefix="segment-relay-dev-") as workdir,
+        asyncio.Runner(loop_factory=_loop_factory()) as runner,
+    ):
+        return runner.run(dev(Path(workdir), port=args.port, fake=args.fake_infinario))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from . import ops
@@ -33,7 +34,7 @@ from .appkeys import (
     STOPPING,
     STORE,
 )
-from .config import Config
+from .config import Config, build
 from .forward import DryRunSender, Forwarder, HttpSender, Sender
 from .infinario import api_style
 from .limits import ProjectLimits
@@ -44,6 +45,7 @@ from .receive import Receiver
 from .session_timer import SessionTimer
 from .sessions import SessionRules
 from .store import Store
+from .testing import FakeInfinario
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +203,13 @@ def _supervise(task: asyncio.Task[None], *, fatal: asyncio.Event, stop: asyncio.
     fatal.set()
 
 
-async def serve(config: Config, *, dry_run: bool = False, config_path: Path | None = None) -> int:
+async def serve(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    config_path: Path | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> int:
     """Run the relay until SIGTERM or SIGINT, then stop cleanly; return the exit code.
 
     Stopping: /ready and the Segment API answer 503 at once, the forwarder stops claiming and
@@ -231,6 +239,8 @@ async def serve(config: Config, *, dry_run: bool = False, config_path: Path | No
     if admin is not None:
         a_host, a_port = admin.addresses[0][:2]
         print(f"segment-relay admin on http://{a_host}:{a_port}", file=sys.stderr, flush=True)
+    if announce is not None:
+        announce(f"http://{host}:{port}")
     app[NOTIFIER].ready(ops.status_line(app))
     pinging = asyncio.Event()
     watchdog = None
@@ -283,3 +293,57 @@ async def _cleanup(runner: web.AppRunner, admin: web.AppRunner | None) -> None:
     if admin is not None:
         await admin.cleanup()
     await runner.cleanup()
+
+
+DEV_WRITE_KEY = "dev-write-key"
+
+
+async def dev(workdir: Path, *, port: int, fake: bool) -> int:
+    """`segment-relay dev`: the relay on 127.0.0.1 with a throwaway queue in `workdir`,
+    forwarding to a fake Infinario API in this process (`fake`) or printing (dry run)."""
+    fake_runner: web.AppRunner | None = None
+    base_url = "http://127.0.0.1:9"
+    if fake:
+
+        def show(command: dict[str, Any]) -> None:
+            print("fake Infinario received:", orjson.dumps(command).decode(), flush=True)
+
+        fake_runner = web.AppRunner(FakeInfinario(on_command=show).app(), access_log=None)
+        await fake_runner.setup()
+        await web.TCPSite(fake_runner, "127.0.0.1", 0).start()
+        base_url = f"http://127.0.0.1:{fake_runner.addresses[0][1]}"
+    config = build(
+        Config,
+        {
+            "server": {"host": "127.0.0.1", "port": port},
+            "sources": [{"name": "dev", "write_key": DEV_WRITE_KEY}],
+            "queue": {"path": str(workdir / "queue.db")},
+            "destination": {"base_url": base_url, "project_token": "TOKEN", "linger": "50ms"},
+            "sessions": {"idle_timeout": "5m"},
+        },
+        "",
+    )
+
+    def announce(url: str) -> None:
+        target = f"the fake Infinario API at {base_url}" if fake else "stdout (dry run)"
+        api_host = url.removeprefix("http://")
+        print(
+            f"""
+segment-relay dev: Segment API at {url}, write key {DEV_WRITE_KEY!r}, forwarding to {target}
+queue (deleted on exit): {workdir / "queue.db"}
+  Python   Client("{DEV_WRITE_KEY}", host="{url}")
+  Node     new Analytics({{ writeKey: "{DEV_WRITE_KEY}", host: "{url}" }})
+  Browser  AnalyticsBrowser.load({{ writeKey: "{DEV_WRITE_KEY}", cdnSettings: {{
+             integrations: {{ "Segment.io": {{ apiKey: "{DEV_WRITE_KEY}",
+             apiHost: "{api_host}/v1", protocol: "http" }} }} }} }})
+  curl     curl -u {DEV_WRITE_KEY}: -d '{{"userId": "u1", "event": "Tried it"}}' {url}/v1/track
+  status   {url}/ready  {url}/metrics
+""",
+            flush=True,
+        )
+
+    try:
+        return await serve(config, dry_run=not fake, announce=announce)
+    finally:
+        if fake_runner is not None:
+            await fake_runner.cleanup()
