@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segment_relay.testing import FakeInfinario
-from support import Server, running_fake
+from support import SUMMARIES, Server, running_fake
 
 
 @pytest.fixture
@@ -20,3 +20,9 @@ async def fake_api() -> AsyncIterator[tuple[FakeInfinario, Server]]:
 @pytest.fixture
 def queue_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "queue.db"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the summaries tests recorded (the chaos runs' counts), passing or not."""
+    for line in SUMMARIES:
+        terminalreporter.write_line(line)

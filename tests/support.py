@@ -25,6 +25,8 @@ from segment_relay.testing import FakeInfinario
 TESTS = Path(__file__).parent
 CONFORMANCE = TESTS / "conformance"
 WRITE_KEY = "test-write-key"
+# One-line summaries that tests want printed at the end of the run (conftest prints them).
+SUMMARIES: list[str] = []
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
 
