@@ -65,7 +65,13 @@ class _LockFile:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write to the queue's directory {self.path.parent} ({exc.strerror}): "
+                "it is read-only or not this user's; the queue needs it writable"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,6 +110,11 @@ async def _connect(
         [(pending,)] = await conn.execute_fetchall(Q["count_messages"])
     except sqlite3.DatabaseError as exc:
         await conn.close()
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise StoreError(
+                f"cannot write to the queue {db_path}: it is read-only ({exc}); "
+                "make the file and its directory writable by the relay's user"
+            ) from exc
         raise StoreError(
             f"the queue {db_path} is not a usable SQLite database ({exc}); "
             "move it aside to start with an empty queue, or restore it from a backup"
