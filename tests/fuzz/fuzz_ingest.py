@@ -1,0 +1,68 @@
+"""atheris target: bytes as a request body through the receiver's checks and the mapping.
+
+Anything the receiver would accept must map without MappingError and render as JSON; nothing
+may raise but the documented refusals. Run: python tests/fuzz/fuzz_ingest.py -runs=N -seed=S
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import atheris
+
+with atheris.instrument_imports():
+    import orjson
+
+    from segment_relay.config import DestinationConfig
+    from segment_relay.infinario import api_style
+    from segment_relay.mapping import MappingSettings, map_message
+    from segment_relay.segment import (
+        BatchEnvelope,
+        InvalidMessageError,
+        enrich,
+        parse_time,
+        validate,
+    )
+
+STYLES = [
+    api_style(DestinationConfig(api=api, project_token="T", api_key="K"))
+    for api in ("infinario", "exponea")
+]
+SETTINGS = MappingSettings()
+NOW = time.time()
+
+
+def accept(raw: object, kind: str | None, envelope: BatchEnvelope) -> None:
+    try:
+        message = enrich(validate(raw, kind), NOW, envelope)
+    except InvalidMessageError:
+        return
+    stored = orjson.loads(orjson.dumps(message))  # as the forwarder reads it back
+    command = map_message(stored, SETTINGS)  # a MappingError here is a bug: the receiver let it in
+    if command is not None:
+        for style in STYLES:
+            orjson.dumps(style.render(command))
+
+
+def test_one(data: bytes) -> None:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(body, dict) and isinstance(body.get("batch"), list):
+        context = body.get("context")
+        envelope = BatchEnvelope(
+            parse_time(body.get("sentAt")), context if isinstance(context, dict) else None, None
+        )
+        for item in body["batch"]:
+            accept(item, None, envelope)
+    else:
+        accept(body, "track", BatchEnvelope())
+        accept(body, "identify", BatchEnvelope())
+        accept(body, "page", BatchEnvelope())
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one)
+    atheris.Fuzz()
