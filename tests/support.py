@@ -6,7 +6,9 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from segment_relay.testing import FakeInfinario
 
 TESTS = Path(__file__).parent
 CONFORMANCE = TESTS / "conformance"
+NODE_DIR = TESTS / "node"
 WRITE_KEY = "test-write-key"
 # One-line summaries that tests want printed at the end of the run (conftest prints them).
 SUMMARIES: list[str] = []
@@ -230,3 +233,19 @@ async def post(
         ) as response,
     ):
         return response.status, await response.json(content_type=None)
+
+
+def install_node_client() -> Path:
+    """npm ci from the committed lock file (once per checkout)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node, "node is needed for the Node client tests"
+    assert npm, "npm is needed for the Node client tests"
+    if not (NODE_DIR / "node_modules" / "@segment" / "analytics-node").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return Path(node)

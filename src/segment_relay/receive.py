@@ -102,17 +102,19 @@ class Receiver:
     def add_routes(self, app: web.Application) -> None:
         """Register the Segment endpoints, their browser short forms and CORS preflight."""
         for name, kind in PATH_TYPES.items():
-            app.router.add_post(f"/v1/{name}", self._single(kind))
-            app.router.add_route("OPTIONS", f"/v1/{name}", self.preflight)
+            app.router.add_post(f"/v1/{name}", self._single(kind, name))
+            app.router.add_route("OPTIONS", f"/v1/{name}", self._endpoint(name, self.preflight))
         for path in BATCH_PATHS:
             app.router.add_post(path, self._endpoint(path, self.batch))
-            app.router.add_route("OPTIONS", path, self.preflight)
+            app.router.add_route("OPTIONS", path, self._endpoint(path, self.preflight))
 
-    def _single(self, kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def _single(
+        self, kind: str, name: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             return await self.single(request, kind)
 
-        return self._endpoint(kind, handle)
+        return self._endpoint(name, handle)
 
     def _endpoint(
         self, label: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -6,8 +6,6 @@ import asyncio
 import base64
 import gzip
 import json
-import shutil
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +18,9 @@ from segment.analytics import Client
 
 from segment_relay.service import STORE
 from segment_relay.store import Store
-from support import AUTH, TESTS, WRITE_KEY, make_config, post, running_relay
+from support import AUTH, NODE_DIR, WRITE_KEY, install_node_client, make_config, post, running_relay
 
 WHEN = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
-NODE_DIR = TESTS / "node"
 
 
 async def queued(store: Store) -> list[dict[str, Any]]:
@@ -73,22 +70,6 @@ async def test_the_python_client_every_call_type(queue_path: Path, gzip_body: bo
         messages = await queued(relay.app[STORE])
     assert len(messages) == 6
     check_every_call_type(messages, "analytics-python")
-
-
-def install_node_client() -> Path:
-    """npm ci from the committed lock file (once per checkout)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    assert node, "node is needed for the Node client tests"
-    assert npm, "npm is needed for the Node client tests"
-    if not (NODE_DIR / "node_modules" / "@segment" / "analytics-node").is_dir():
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return Path(node)
 
 
 async def test_the_node_client_every_call_type(queue_path: Path) -> None:
