@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from .config import Config
+from .debugger import DebugFeed
 from .forward import Forwarder
 from .metrics import Metrics
 from .notify import Notifier
@@ -21,6 +22,7 @@ RECEIVER = web.AppKey("receiver", Receiver)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION_TIMER = web.AppKey("session_timer", SessionTimer)
 NOTIFIER = web.AppKey("notifier", Notifier)
+DEBUG_FEED = web.AppKey("debug_feed", DebugFeed)
 # Set when stopping begins: /ready says 503, the Segment API answers 503, forwarding drains.
 STOPPING = web.AppKey("stopping", asyncio.Event)
 # Set when a task the relay cannot run without died: serve() exits non-zero.

@@ -8,6 +8,7 @@ YAML keys stay as users write them (`linger: 200ms`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -260,6 +261,25 @@ class SessionsConfig:
     event_types: tuple[str, ...] = _opt(_str_list(nonempty=True), ("page", "screen"))
 
 
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    items: tuple[str, ...] = _str_list()(value, key)
+    for i, item in enumerate(items):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]: not an address or network: {item!r}") from None
+    return items
+
+
+@dataclass(frozen=True)
+class DebuggerConfig:
+    """The live debugger page at /debugger."""
+
+    enabled: bool = _opt(_bool, False)
+    allow: tuple[str, ...] = _opt(_networks, ("127.0.0.0/8", "::1/128"))
+    history: int = _opt(_int(0, 100_000), 500)
+
+
 @dataclass(frozen=True)
 class ShutdownConfig:
     """How the relay stops on SIGTERM."""
@@ -323,6 +343,7 @@ class Config:
     sessions: SessionsConfig = _sub(SessionsConfig)
     mapping: MappingConfig = _sub(MappingConfig)
     shutdown: ShutdownConfig = _sub(ShutdownConfig)
+    debugger: DebuggerConfig = _sub(DebuggerConfig)
 
     def check_destination(self) -> None:
         """Raise ConfigError unless the destination has the credentials its API style needs."""

@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from .batching import durable_delay, select_batch
 from .config import Config, DestinationConfig
+from .debugger import DebugFeed
 from .errors import MappingError, PermanentSendError, TransientSendError
 from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, api_style, cut
 from .limits import ProjectLimits
@@ -38,6 +39,8 @@ Items = list[tuple[QueuedMessage, Command]]
 
 class Sender(Protocol):
     """Sends one batch of commands; returns one result per command or raises a SendError."""
+
+    style: ApiStyle
 
     async def send(self, commands: Sequence[Command]) -> list[CommandResult]: ...
 
@@ -133,6 +136,9 @@ class Forwarder:
         self.max_wait_s: float | None = None
         # How long batches in flight may take to finish when run() stops.
         self.grace_s: float | None = None
+        # The live debugger, when it is on; seq -> messageId of the messages it follows.
+        self.feed: DebugFeed | None = None
+        self._ids: dict[int, str] = {}
         self.sender = sender
         self.config = config
         self.mapping = mapping
@@ -307,8 +313,29 @@ class Forwarder:
 
     # --- one batch ------------------------------------------------------------------------------
 
+    def _show(
+        self,
+        acked: Sequence[int],
+        retry: Sequence[tuple[int, float, str, bool]],
+        dead: Sequence[tuple[QueuedMessage, Failure]],
+    ) -> None:
+        """Tell the debugger where these messages are now."""
+        assert self.feed is not None
+        for seq in acked:
+            self.feed.state(self._ids.pop(seq, ""), "sent")
+        for seq, _, error, _ in retry:
+            self.feed.state(self._ids.pop(seq, ""), "retrying", error)
+        for row, failure in dead:
+            self._ids.pop(row.seq, None)
+            self.feed.state(row.message_id, "dead-lettered", f"{failure.reason}: {failure.detail}")
+
     async def _forward(self, batch: list[QueuedMessage]) -> None:
         now = self.clock()
+        if self.feed is not None:
+            for row in batch:
+                self._ids[row.seq] = row.message_id
+                if row.type.startswith("session_") and row.attempts == 0:
+                    self.feed.received(row.source, [row.message])
         to_send: list[tuple[QueuedMessage, Command]] = []
         skipped: list[int] = []
         dead: list[tuple[QueuedMessage, Failure]] = []
@@ -344,6 +371,9 @@ class Forwarder:
         retry = self.config.retry
         commands = [c for _, c in items]
         self.metrics.batch_size.observe(len(commands))
+        if self.feed is not None:
+            for row, command in items:
+                self.feed.sending(row.message_id, self.sender.style.render(command))
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(retry.quick_attempts),
@@ -476,6 +506,8 @@ class Forwarder:
         """Write outcomes so that cancellation cannot lose them (style.md 7)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
+        if self.feed is not None:
+            self._show(acked, retry, dead)
         counters = {"delivered": len(acked), "retried": len(retry), "dead_lettered": len(dead)}
         settle = self.store.settle(
             acked=acked,

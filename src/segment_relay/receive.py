@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config, SourceConfig
+from .debugger import DebugFeed
 from .errors import StoreError, StoreFullError
 from .metrics import Metrics
 from .records import NewMessage
@@ -86,6 +87,8 @@ class Receiver:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Attached when the store opens (at app start-up, after the routes are frozen).
     store: Store = field(init=False)
+    # The live debugger, when it is on.
+    feed: DebugFeed | None = None
 
     def reload(self, config: Config) -> None:
         """Take new write keys (SIGHUP); limits and CORS stay as started."""
@@ -345,6 +348,9 @@ class Receiver:
                 RETRY_AFTER_S,
             ) from exc
         self.metrics.messages_stored.inc(stored)
+        if self.feed is not None:
+            for m in messages:
+                self.feed.received(m.source, [m.message or {}])
         self.metrics.messages_duplicate.inc(len(messages) - stored)
 
 

@@ -22,9 +22,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import ops
+from . import debugger, ops
 from .appkeys import (
     CONFIG,
+    DEBUG_FEED,
     FATAL,
     FORWARDER,
     METRICS,
@@ -35,6 +36,7 @@ from .appkeys import (
     STORE,
 )
 from .config import Config, build
+from .debugger import DebugFeed
 from .forward import DryRunSender, Forwarder, HttpSender, Sender
 from .infinario import api_style
 from .limits import ProjectLimits
@@ -87,6 +89,9 @@ def create_app(
         app.cleanup_ctx.append(functools.partial(_forwarder_ctx, sender=sender, clock=clock))
     if config.server.admin_port is None:
         ops.add_routes(app, app)
+    if config.debugger.enabled:
+        app[DEBUG_FEED] = app[RECEIVER].feed = DebugFeed(config.debugger.history)
+        debugger.add_routes(app, app[DEBUG_FEED], config.debugger.allow, app[STOPPING])
     return app
 
 
@@ -149,6 +154,7 @@ async def _forwarder_ctx(
             limits,
         )
         forwarder.grace_s = config.shutdown.grace_s
+        forwarder.feed = app.get(DEBUG_FEED)
         watchdog_s = app[NOTIFIER].watchdog_s
         if watchdog_s is not None:
             forwarder.max_wait_s = watchdog_s / 4
@@ -320,6 +326,7 @@ async def dev(workdir: Path, *, port: int, fake: bool) -> int:
             "queue": {"path": str(workdir / "queue.db")},
             "destination": {"base_url": base_url, "project_token": "TOKEN", "linger": "50ms"},
             "sessions": {"idle_timeout": "5m"},
+            "debugger": {"enabled": True},
         },
         "",
     )
@@ -337,6 +344,7 @@ queue (deleted on exit): {workdir / "queue.db"}
              integrations: {{ "Segment.io": {{ apiKey: "{DEV_WRITE_KEY}",
              apiHost: "{api_host}/v1", protocol: "http" }} }} }} }})
   curl     curl -u {DEV_WRITE_KEY}: -d '{{"userId": "u1", "event": "Tried it"}}' {url}/v1/track
+  debugger {url}/debugger
   status   {url}/ready  {url}/metrics
 """,
             flush=True,
