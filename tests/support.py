@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 from aiohttp import web
 
@@ -249,3 +250,12 @@ def install_node_client() -> Path:
             timeout=300,
         )
     return Path(node)
+
+
+def requires(*tools: str) -> pytest.MarkDecorator:
+    """Skip, saying why, where a system tool the test drives is missing. .ci/run installs
+    them all (Debian packages), so in CI these tests always run."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)} (apt-get install; .ci/run does)"
+    )

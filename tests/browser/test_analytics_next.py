@@ -20,12 +20,13 @@ from support import (
     Server,
     install_node_client,
     make_config,
+    requires,
     running_fake,
     running_relay,
     start_server,
 )
 
-pytestmark = pytest.mark.acceptance
+pytestmark = [pytest.mark.acceptance, requires("chromium", "node", "npm")]
 HERE = Path(__file__).parent
 BUNDLES = NODE_DIR / "node_modules" / "@segment" / "analytics-next" / "dist" / "umd"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

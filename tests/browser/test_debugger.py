@@ -13,9 +13,9 @@ from segment.analytics import Client
 from test_analytics_next import CHROMIUM, CHROMIUM_ARGS
 
 from segment_relay.testing import FakeInfinario, Reply
-from support import TESTS, WRITE_KEY, make_config, running_fake, running_relay
+from support import TESTS, WRITE_KEY, make_config, requires, running_fake, running_relay
 
-pytestmark = pytest.mark.acceptance
+pytestmark = [pytest.mark.acceptance, requires("chromium")]
 ARTIFACTS = TESTS.parent / "test-artifacts"
 
 

@@ -18,7 +18,16 @@ from segment.analytics import Client
 
 from segment_relay.service import STORE
 from segment_relay.store import Store
-from support import AUTH, NODE_DIR, WRITE_KEY, install_node_client, make_config, post, running_relay
+from support import (
+    AUTH,
+    NODE_DIR,
+    WRITE_KEY,
+    install_node_client,
+    make_config,
+    post,
+    requires,
+    running_relay,
+)
 
 WHEN = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -72,6 +81,7 @@ async def test_the_python_client_every_call_type(queue_path: Path, gzip_body: bo
     check_every_call_type(messages, "analytics-python")
 
 
+@requires("node", "npm")
 async def test_the_node_client_every_call_type(queue_path: Path) -> None:
     node = await asyncio.to_thread(install_node_client)
     ts = WHEN.isoformat()
