@@ -64,6 +64,10 @@ async def test_the_debugger_shows_calls_commands_and_states_live(tmp_path: Path)
                 assert "rejected" in await page.inner_text(".call[data-id='m-broken'] .state")
                 # The page call opened a session: its session_start shows as its own row.
                 await page.wait_for_selector(".call.session .state.sent", timeout=20_000)
+                await page.wait_for_selector(
+                    ".call[data-id='m-page'] .sessions:has-text('session_start sent')",
+                    timeout=20_000,
+                )
                 await page.screenshot(path=str(ARTIFACTS / "debugger-live.png"), full_page=True)
                 # Click a call: the raw JSON on both sides.
                 await page.click(".call[data-id='m-track'] .head")
