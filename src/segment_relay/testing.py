@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import hmac
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,26 @@ def v2_problems(command: Any) -> list[str]:
         if not _number(data.get("timestamp")):
             problems.append("timestamp must be a number of Unix seconds")
     return problems
+
+
+def random_faults(
+    rng: random.Random, *, retry: int = 12, error: int = 8, drop_delay_s: float = 0.3
+) -> Callable[[list[Any]], Reply]:
+    """A responder failing at random: 8% 500, 4% 429 (Retry-After: 0), 3% a stalled and
+    dropped request, and otherwise per-command `retry` and `error` at the given percentages."""
+
+    def respond(commands: list[Any]) -> Reply:
+        roll = rng.random()
+        if roll < 0.08:
+            return Reply(status=500)
+        if roll < 0.12:
+            return Reply(status=429, headers={"Retry-After": "0"})
+        if roll < 0.15:
+            return Reply(drop=True, delay_s=drop_delay_s)
+        weights = [100 - retry - error, retry, error]
+        return Reply(commands=[rng.choices(["ok", "retry", "error"], weights)[0] for _ in commands])
+
+    return respond
 
 
 class FakeInfinario:

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import aiohttp
 import pytest
 
 from segment_relay.segment import format_time
-from segment_relay.testing import FakeInfinario, Reply
+from segment_relay.testing import FakeInfinario, Reply, random_faults
 from support import AUTH, SUMMARIES, Daemon, run_cli, running_fake, start_daemon, write_config
 
 pytestmark = pytest.mark.chaos
@@ -98,22 +99,9 @@ async def killer(run: Run, config: Path, rng: random.Random, stop: asyncio.Event
         run.daemon = await start_daemon(config)
 
 
-def faulty(rng: random.Random, healthy: list[bool]) -> Any:
-    def respond(commands: list[Any]) -> Reply:
-        if healthy[0]:
-            return Reply()
-        roll = rng.random()
-        if roll < 0.08:
-            return Reply(status=500)
-        if roll < 0.12:
-            return Reply(status=429, headers={"Retry-After": "0"})
-        if roll < 0.15:
-            return Reply(drop=True, delay_s=0.2)
-        return Reply(
-            commands=[rng.choices(["ok", "retry", "error"], [90, 7, 3])[0] for _ in commands]
-        )
-
-    return respond
+def faulty(rng: random.Random, healthy: list[bool]) -> Callable[[list[Any]], Reply]:
+    failing = random_faults(rng, retry=7, error=3, drop_delay_s=0.2)
+    return lambda commands: Reply() if healthy[0] else failing(commands)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])

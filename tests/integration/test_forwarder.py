@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from segment_relay.service import FORWARDER, METRICS, STORE
-from segment_relay.testing import FakeInfinario, Reply
+from segment_relay.testing import FakeInfinario, Reply, random_faults
 from support import Server, make_config, post, running_fake, running_relay
 
 T0 = "2024-03-01T12:00:00.000Z"
@@ -211,19 +211,7 @@ async def test_random_faults_lose_nothing_and_keep_each_users_order(
     fake, api = fake_api
     rng = random.Random(seed)
 
-    def chaos(commands: list[Any]) -> Reply:
-        roll = rng.random()
-        if roll < 0.08:
-            return Reply(status=500)
-        if roll < 0.12:
-            return Reply(status=429, headers={"Retry-After": "0"})
-        if roll < 0.15:
-            return Reply(drop=True, delay_s=0.3)
-        return Reply(
-            commands=[rng.choices(["ok", "retry", "error"], [80, 12, 8])[0] for _ in commands]
-        )
-
-    fake.responder = chaos
+    fake.responder = random_faults(rng)
     users = [f"user{u}" for u in range(20)]
     sent: list[dict[str, Any]] = []
     for n in range(50):
