@@ -51,6 +51,8 @@ from .testing import FakeInfinario
 
 log = logging.getLogger(__name__)
 
+MAINTENANCE_INTERVAL_S = 600.0
+
 __all__ = ["FORWARDER", "METRICS", "SESSION_TIMER", "STORE", "create_app", "serve"]
 
 
@@ -82,6 +84,7 @@ def create_app(
     app[RECEIVER] = Receiver(config, app[METRICS], clock, app[STOPPING])
     app[RECEIVER].add_routes(app)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(functools.partial(_maintenance_ctx, clock=clock))
     if config.sessions.enabled and session_timer:
         app.cleanup_ctx.append(functools.partial(_session_timer_ctx, clock=clock))
     if forward:
@@ -162,6 +165,27 @@ async def _forwarder_ctx(
         # Stopping begins with STOPPING: the forwarder stops claiming and drains first.
         async with _background(app, "forwarder", forwarder.run, app[STOPPING]):
             yield
+
+
+async def _maintenance_ctx(
+    app: web.Application, *, clock: Callable[[], float]
+) -> AsyncIterator[None]:
+    """Forget messageIds past the dedup window, at start and every 10 minutes."""
+
+    async def prune(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            forgotten = await app[STORE].prune_dedup(clock())
+            if forgotten:
+                log.info(
+                    "forgot %d message ids past the dedup window",
+                    forgotten,
+                    extra={"action": "dedup_pruned"},
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
+
+    async with _background(app, "maintenance", prune):
+        yield
 
 
 async def _session_timer_ctx(

@@ -176,3 +176,14 @@ async def test_sessions_are_written_with_the_calls_and_survive_a_restart(queue_p
         assert rows[2].message["properties"] == {"duration": 0.0}
     finally:
         await store.close()
+
+
+async def test_message_ids_past_the_window_are_forgotten(queue_path: Path) -> None:
+    store = await Store.open(queue_path, dedup_window_s=100.0)
+    try:
+        await store.enqueue([msg(1, at=1000.0), msg(2, at=1090.0)])
+        assert await store.prune_dedup(now=1150.0) == 1
+        # m1 is forgotten (accepted again), m2 is still remembered.
+        assert await store.enqueue([msg(1, at=1150.0), msg(2, at=1150.0)]) == 1
+    finally:
+        await store.close()
