@@ -50,10 +50,6 @@ class Command:
     # Keys beyond MAX_PROPERTIES that were left out, for the dropped-keys counter.
     dropped_keys: int = field(default=0, compare=False)
 
-    @property
-    def is_customer_update(self) -> bool:
-        return self.event_type is None
-
 
 @functools.lru_cache(maxsize=256)
 def snake(name: str) -> str:

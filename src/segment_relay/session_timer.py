@@ -28,7 +28,6 @@ class SessionTimer:
         self.store = store
         self.clock = clock
         self.poll_s = poll_s
-        self.ended = 0
 
     async def tick(self) -> int:
         """Close every session due now; return how many were closed."""
@@ -39,7 +38,6 @@ class SessionTimer:
             if count < BATCH:
                 break
         if closed:
-            self.ended += closed
             log.info("closed %d idle sessions", closed, extra={"action": "sessions_closed"})
         return closed
 

@@ -150,8 +150,3 @@ class SessionRules:
             ids=dict(activity.ids),
             context=activity.context,
         )
-
-
-def expired(session: SessionState, now: float) -> bool:
-    """Whether the idle timer closes `session` at wall-clock time `now`."""
-    return session.expires_at <= now

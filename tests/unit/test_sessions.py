@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState, expired
+from segment_relay.sessions import Activity, SessionEvent, SessionRules
 
 RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])
 
@@ -73,9 +73,3 @@ def test_session_end_carries_the_ids_known_at_the_end_and_the_start_context() ->
     assert end["timestamp"] == "1970-01-01T00:17:40.000Z"
     assert end["context"] == {"ip": "1.2.3.4"}
     assert end["properties"] == {"duration": 60.0}
-
-
-def test_expiry_is_on_the_wall_clock() -> None:
-    state = SessionState("a1", "web", 0.0, 0.0, expires_at=100.0, ids={}, context=None)
-    assert not expired(state, 99.9)
-    assert expired(state, 100.0)
