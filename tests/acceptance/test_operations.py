@@ -28,6 +28,7 @@ from support import (
     post,
     relay_command,
     requires,
+    run_cli,
     running_fake,
     running_relay,
     start_daemon,
@@ -325,3 +326,50 @@ async def test_sigterm_with_a_backlog_drains_in_flight_and_loses_nothing(tmp_pat
             assert await daemon.stop() == 0
     numbers = [c["data"]["properties"]["n"] for c in fake.accepted]
     assert sorted(numbers) == list(range(5000)), "lost or duplicated"
+
+
+async def test_a_second_signal_stops_at_once_and_keeps_the_batches_in_flight(
+    tmp_path: Path,
+) -> None:
+    fake = FakeInfinario()
+    async with running_fake(fake) as (_, api):
+        config = write_config(
+            tmp_path / "relay.yaml", tmp_path / "q.db", api.url, shutdown={"grace": "60s"}
+        )
+        daemon = await start_daemon(config)
+        fake.gate = asyncio.Event()  # the API holds the first batch
+        sent = [
+            {
+                "type": "track",
+                "userId": "u",
+                "event": "e",
+                "messageId": f"m{i}",
+                "timestamp": T0,
+                "properties": {"n": i},
+            }
+            for i in range(10)
+        ]
+        assert (await post(daemon.url, "/v1/batch", {"batch": sent}))[0] == 200
+        await fake.wait_for(lambda f: f.held >= 1)
+        started = asyncio.get_running_loop().time()
+        daemon.process.send_signal(signal.SIGTERM)
+        await daemon.wait_stderr("stopping")
+        # Without a second signal the relay would wait up to the 60 s grace for the API.
+        assert await daemon.stop(signal.SIGTERM) == 0
+        assert asyncio.get_running_loop().time() - started < 30
+        assert any("second signal" in line for line in daemon.stderr_lines)
+        fake.gate.set()
+        # The store was closed cleanly and the batch is still queued: it goes out after a restart.
+        assert await pending(config) == 10
+        daemon = await start_daemon(config)
+        try:
+            await fake.wait_for(lambda f: len(f.accepted) >= 10)
+        finally:
+            assert await daemon.stop() == 0
+    assert sorted({c["data"]["properties"]["n"] for c in fake.accepted}) == list(range(10))
+
+
+async def pending(config: Path) -> int:
+    code, out, err = await run_cli("status", "--json", "--config", str(config))
+    assert code == 0, err
+    return int(json.loads(out)["pending"])
