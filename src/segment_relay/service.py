@@ -247,6 +247,7 @@ async def serve(
     the listeners and the queue close. A second signal skips the grace period.
     """
     app = create_app(config, dry_run=dry_run)
+    stop = _handle_signals(app, config_path)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     sites = [web.TCPSite(runner, config.server.host, config.server.port)]
@@ -276,7 +277,7 @@ async def serve(
     watchdog = None
     if app[NOTIFIER].watchdog_s is not None:
         watchdog = asyncio.create_task(ops.watchdog(app, pinging), name="watchdog")
-    await _until_stopped(app, config_path)
+    await _until_stopped(app, stop)
     pinging.set()
     if watchdog is not None:
         await watchdog
@@ -286,14 +287,20 @@ async def serve(
     return 1 if app[FATAL].is_set() else 0
 
 
-async def _until_stopped(app: web.Application, config_path: Path | None) -> None:
-    """Wait for SIGTERM/SIGINT (or a dead task), then drain the forwarder within the grace."""
+def _handle_signals(app: web.Application, config_path: Path | None) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event (a signal only sets an event, style.md 6);
+    SIGHUP reloads. Installed before start-up, so no signal finds the default handler."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, ops.reload, app, config_path)
+    return stop
+
+
+async def _until_stopped(app: web.Application, stop: asyncio.Event) -> None:
+    """Wait for SIGTERM/SIGINT (or a dead task), then drain the forwarder within the grace."""
     waiters: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(stop.wait()),
         asyncio.ensure_future(app[FATAL].wait()),
