@@ -134,19 +134,19 @@ class Daemon:
     stderr_lines: list[str] = field(default_factory=list)
     stdout_lines: list[str] = field(default_factory=list)
     readers: list[asyncio.Task[None]] = field(default_factory=list)
-    stdout_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    output_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def wait_stderr(self, text: str, timeout_s: float = 20.0) -> None:
         """Wait (bounded) until the daemon logged a line containing `text`."""
-        async with asyncio.timeout(timeout_s), self.stdout_changed:
-            await self.stdout_changed.wait_for(
+        async with asyncio.timeout(timeout_s), self.output_changed:
+            await self.output_changed.wait_for(
                 lambda: any(text in line for line in self.stderr_lines)
             )
 
     async def wait_stdout(self, count: int, timeout_s: float = 20.0) -> list[str]:
         """Wait (bounded) until the daemon printed at least `count` lines on stdout."""
-        async with asyncio.timeout(timeout_s), self.stdout_changed:
-            await self.stdout_changed.wait_for(lambda: len(self.stdout_lines) >= count)
+        async with asyncio.timeout(timeout_s), self.output_changed:
+            await self.output_changed.wait_for(lambda: len(self.stdout_lines) >= count)
         return list(self.stdout_lines)
 
     async def stop(self, sig: int | None = signal.SIGTERM, timeout_s: float = 30.0) -> int:
@@ -193,10 +193,10 @@ async def start_daemon(config_path: Path, *extra: str, timeout_s: float = 30.0) 
     found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     daemon.readers = [
         asyncio.create_task(
-            _pump(process.stderr, daemon.stderr_lines, found, daemon.stdout_changed)
+            _pump(process.stderr, daemon.stderr_lines, found, daemon.output_changed)
         ),
         asyncio.create_task(
-            _pump(process.stdout, daemon.stdout_lines, None, daemon.stdout_changed)
+            _pump(process.stdout, daemon.stdout_lines, None, daemon.output_changed)
         ),
     ]
     exited: asyncio.Future[int] = asyncio.ensure_future(process.wait())
@@ -259,3 +259,10 @@ def requires(*tools: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         bool(missing), reason=f"needs {', '.join(missing)} (apt-get install; .ci/run does)"
     )
+
+
+async def queue_pending(config: Path) -> int:
+    """Messages in the queue of `config`, as `segment-relay status --json` reports them."""
+    code, out, err = await run_cli("status", "--json", "--config", str(config))
+    assert code == 0, err
+    return int(orjson.loads(out)["pending"])

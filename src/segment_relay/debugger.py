@@ -40,16 +40,9 @@ class DebugFeed:
             else:
                 queue.put_nowait(data)
 
-    def received(self, source: str, messages: Iterable[dict[str, Any]]) -> None:
-        for message in messages:
-            self.publish(
-                {
-                    "kind": "received",
-                    "id": message.get("messageId"),
-                    "source": source,
-                    "message": message,
-                }
-            )
+    def received(self, source: str, message: dict[str, Any]) -> None:
+        entry = {"kind": "received", "id": message.get("messageId"), "source": source}
+        self.publish({**entry, "message": message})
 
     def sending(self, message_id: str, command: dict[str, Any]) -> None:
         self.publish({"kind": "command", "id": message_id, "command": command})

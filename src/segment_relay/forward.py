@@ -335,7 +335,7 @@ class Forwarder:
             for row in batch:
                 self._ids[row.seq] = row.message_id
                 if row.type.startswith("session_") and row.attempts == 0:
-                    self.feed.received(row.source, [row.message])
+                    self.feed.received(row.source, row.message)
         to_send: list[tuple[QueuedMessage, Command]] = []
         skipped: list[int] = []
         dead: list[tuple[QueuedMessage, Failure]] = []

@@ -66,7 +66,7 @@ class MessageTooLargeError(InvalidMessageError):
     """A message over server.max_message_bytes."""
 
 
-STOPPING_ERROR = ApiError(503, "shutting_down", "the relay is stopping; retry later", 5)
+STOPPING_ERROR = ApiError(503, "shutting_down", "the relay is stopping; retry later", RETRY_AFTER_S)
 
 
 def _dumps(value: Any) -> str:
@@ -350,7 +350,7 @@ class Receiver:
         self.metrics.messages_stored.inc(stored)
         if self.feed is not None:
             for m in messages:
-                self.feed.received(m.source, [m.message or {}])
+                self.feed.received(m.source, m.message or {})
         self.metrics.messages_duplicate.inc(len(messages) - stored)
 
 

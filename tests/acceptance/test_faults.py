@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import AUTH, post, relay_command, run_cli, start_daemon, write_config
+from support import AUTH, post, queue_pending, relay_command, start_daemon, write_config
 
 pytestmark = pytest.mark.acceptance
 T0 = "2024-03-01T12:00:00Z"
@@ -46,12 +46,6 @@ async def queue_with_two_calls(tmp_path: Path) -> Path:
     finally:
         assert await daemon.stop() == 0
     return config
-
-
-async def pending(config: Path) -> int:
-    code, out, err = await run_cli("status", "--json", "--config", str(config))
-    assert code == 0, err
-    return int(json.loads(out)["pending"])
 
 
 async def serve_exits(config: Path, *prefix: str) -> tuple[int, str]:
@@ -107,7 +101,7 @@ async def test_a_second_daemon_on_the_same_queue_refuses_clearly(tmp_path: Path)
         assert "in use by another segment-relay process" in err
     finally:
         assert await daemon.stop() == 0
-    assert await pending(config) == 2
+    assert await queue_pending(config) == 2
 
 
 @pytest.mark.skipif(
@@ -131,7 +125,7 @@ async def test_a_read_only_queue_is_refused_and_kept() -> None:
         data.chmod(0o755)
         assert code == 3, err
         assert "read-only" in err, err
-        assert await pending(config) == 2
+        assert await queue_pending(config) == 2
     finally:
         shutil.rmtree(top)
 

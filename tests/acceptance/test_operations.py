@@ -26,9 +26,9 @@ from support import (
     WRITE_KEY,
     make_config,
     post,
+    queue_pending,
     relay_command,
     requires,
-    run_cli,
     running_fake,
     running_relay,
     start_daemon,
@@ -360,16 +360,10 @@ async def test_a_second_signal_stops_at_once_and_keeps_the_batches_in_flight(
         assert any("second signal" in line for line in daemon.stderr_lines)
         fake.gate.set()
         # The store was closed cleanly and the batch is still queued: it goes out after a restart.
-        assert await pending(config) == 10
+        assert await queue_pending(config) == 10
         daemon = await start_daemon(config)
         try:
             await fake.wait_for(lambda f: len(f.accepted) >= 10)
         finally:
             assert await daemon.stop() == 0
     assert sorted({c["data"]["properties"]["n"] for c in fake.accepted}) == list(range(10))
-
-
-async def pending(config: Path) -> int:
-    code, out, err = await run_cli("status", "--json", "--config", str(config))
-    assert code == 0, err
-    return int(json.loads(out)["pending"])
