@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -231,11 +232,15 @@ def test_random_input_never_gets_a_500_and_never_stores_what_cannot_be_sent(tmp_
         stderr=subprocess.PIPE,
     )
     assert process.stderr is not None
+    drain: threading.Thread | None = None
     try:
         url = ""
         while "listening on" not in (line := process.stderr.readline().decode()):
             assert line, "the daemon did not start"
         url = line.rsplit(" ", 1)[-1].strip()
+        # Keep reading its log, or the daemon blocks on a full pipe (one line per batch).
+        drain = threading.Thread(target=process.stderr.read, daemon=True)
+        drain.start()
         statuses: list[int] = []
 
         @settings(
@@ -268,6 +273,8 @@ def test_random_input_never_gets_a_500_and_never_stores_what_cannot_be_sent(tmp_
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+        if drain is not None:
+            drain.join(timeout=10)
         process.stderr.close()
         assert process.returncode == 0
     code, out, _ = subprocess_cli(
