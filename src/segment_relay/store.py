@@ -497,31 +497,20 @@ class Store:
         acked_seqs = list(acked)
         retry_rows = [[seq, at, error, int(counts)] for seq, at, error, counts in retry]
         dead_rows = [
-            (m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, f.reason,
-             f.detail, f.response_status, f.response_body, m.attempts + 1,
-             m.first_attempt_at if m.first_attempt_at is not None else now, now)
-            for m, f in dead
-        ]  # fmt: skip
-        gone = acked_seqs + [row[0] for row in dead_rows]
-        names_rows = list(names)
-        counter_rows = list((counters or {}).items())
-
-        def write(raw: sqlite3.Connection) -> None:
-            # Batches of rows go as one JSON array each: one statement, one step.
-            if gone:
-                raw.execute(Q["ack"], (orjson.dumps(gone).decode(),))
-            if retry_rows:
-                rows_json = orjson.dumps(retry_rows).decode()
-                raw.execute(Q["reschedule"], {"rows": rows_json, "now": now})
-            if dead_rows:
-                raw.executemany(Q["insert_dead_letter"], dead_rows)
-            if names_rows:
-                raw.executemany(Q["add_project_name"], names_rows)
-            if counter_rows:
-                raw.executemany(Q["add_counter"], counter_rows)
-
-        await self._write(write)
-        self._pending_count -= len(gone)
+            [m.seq, f.reason, f.detail, f.response_status, f.response_body] for m, f in dead
+        ]
+        settlement = (
+            orjson.dumps(acked_seqs).decode(),
+            orjson.dumps(retry_rows).decode(),
+            orjson.dumps(dead_rows).decode(),
+            orjson.dumps(list(names)).decode(),
+            orjson.dumps(counters or {}).decode(),
+            now,
+        )
+        # One statement (the `settle` trigger does the rest): one step of SQLite, autocommit.
+        await self._write(lambda raw: raw.execute(Q["settle"], settlement), one_statement=True)
+        gone = len(acked_seqs) + len(dead_rows)
+        self._pending_count -= gone
 
     async def project_names(self) -> list[tuple[str, str]]:
         """(kind, name) of every event type and customer property key sent to the project."""

@@ -53,31 +53,9 @@ FROM (
 -- name: next_retry_at
 SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0;
 
--- name: ack
--- ? is a JSON array of seqs: one statement for the whole batch.
-DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(?));
-
--- name: reschedule
--- ? is a JSON array of [seq, next_attempt_at, last_error, attempts to add].
-UPDATE messages
-SET next_attempt_at = json_extract(r.value, '$[1]'), last_error = json_extract(r.value, '$[2]'),
-    attempts = attempts + json_extract(r.value, '$[3]'),
-    first_attempt_at = COALESCE(first_attempt_at, :now)
-FROM json_each(:rows) AS r
-WHERE messages.seq = json_extract(r.value, '$[0]');
-
--- name: insert_dead_letter
-INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, reason,
-                          detail, response_status, response_body, attempts, first_attempt_at,
-                          last_attempt_at)
-VALUES (?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?, ?, ?, ?, ?, ?, ?);
-
--- name: add_counter
-INSERT INTO counters (name, value) VALUES (?, ?)
-ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
-
--- name: add_project_name
-INSERT OR IGNORE INTO project_names (kind, name) VALUES (?, ?);
+-- name: settle
+-- See the trigger `settle` in schema.sql.
+INSERT INTO settlements (acked, retry, dead, names, counters, now) VALUES (?, ?, ?, ?, ?, ?);
 
 -- name: project_names
 SELECT kind, name FROM project_names;

@@ -81,3 +81,39 @@ CREATE TABLE IF NOT EXISTS sessions (
     context BLOB                      -- JSON: the context of the call that opened it
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
+
+-- The outcome of a send, written by one statement: `INSERT INTO settlements` runs this
+-- trigger inside that one step of SQLite's C code, so the SQLite thread takes Python's lock
+-- back once per outcome (with autocommit, BEGIN and COMMIT are in that step too). Each column
+-- is a JSON array: acked [seq], retry [[seq, next_attempt_at, error, attempts to add]],
+-- dead [[seq, reason, detail, response_status, response_body]], names [[kind, name]],
+-- counters {name: n}; `now` stamps the attempt.
+CREATE VIEW IF NOT EXISTS settlements (acked, retry, dead, names, counters, now) AS
+SELECT NULL, NULL, NULL, NULL, NULL, NULL WHERE 0;
+
+CREATE TRIGGER IF NOT EXISTS settle INSTEAD OF INSERT ON settlements
+BEGIN
+    INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, reason,
+                              detail, response_status, response_body, attempts,
+                              first_attempt_at, last_attempt_at)
+    SELECT m.seq, m.source, m.message_id, m.user_key, m.type, CAST(m.body AS TEXT), m.received_at,
+           json_extract(d.value, '$[1]'), json_extract(d.value, '$[2]'),
+           json_extract(d.value, '$[3]'), json_extract(d.value, '$[4]'), m.attempts + 1,
+           COALESCE(m.first_attempt_at, NEW.now), NEW.now
+    FROM json_each(NEW.dead) AS d JOIN messages AS m ON m.seq = json_extract(d.value, '$[0]')
+    ORDER BY d.key;
+    DELETE FROM messages
+    WHERE seq IN (SELECT value FROM json_each(NEW.acked))
+       OR seq IN (SELECT json_extract(value, '$[0]') FROM json_each(NEW.dead));
+    UPDATE messages
+    SET next_attempt_at = json_extract(r.value, '$[1]'), last_error = json_extract(r.value, '$[2]'),
+        attempts = attempts + json_extract(r.value, '$[3]'),
+        first_attempt_at = COALESCE(first_attempt_at, NEW.now)
+    FROM json_each(NEW.retry) AS r
+    WHERE messages.seq = json_extract(r.value, '$[0]');
+    INSERT OR IGNORE INTO project_names (kind, name)
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(NEW.names);
+    INSERT INTO counters (name, value)
+    SELECT key, value FROM json_each(NEW.counters) WHERE true
+    ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
+END;
