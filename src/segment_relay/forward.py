@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .batching import durable_delay, select_batch
+from .batching import Selection, durable_delay, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
 from .errors import MappingError, PermanentSendError, TransientSendError
@@ -154,6 +154,8 @@ class Forwarder:
         self._stopped = asyncio.Event()
         # (until, queue depth then) while a batch that is not full lingers.
         self._lingering: tuple[float, int] | None = None
+        # Due rows read ahead for the next batches (see _from_prefetched).
+        self._prefetched: list[QueuedMessage] = []
 
     @property
     def sends(self) -> bool:
@@ -262,9 +264,13 @@ class Forwarder:
                 if now < until and self.store.pending_count < pending + size:
                     return until - now
                 self._lingering = None
-            rows = await self.store.due(now, self._busy_users, size)
-            rows = await self._expire(rows, now)
-            selection = select_batch(rows, size, self.config.linger_s, now)
+            selection = self._from_prefetched(now)
+            if selection is None:
+                # Room for every free slot's batch in one read: one hop instead of one each.
+                limit = size * self.config.concurrency
+                rows = await self._expire(await self.store.due(now, self._busy_users, limit), now)
+                self._prefetched = rows if len(rows) >= limit else []
+                selection = select_batch(rows, size, self.config.linger_s, now)
             if not selection.batch:
                 if selection.wait_until is not None:
                     self._lingering = (selection.wait_until, self.store.pending_count)
@@ -278,6 +284,24 @@ class Forwarder:
             )
             self._start(selection.batch)
         return None
+
+    def _from_prefetched(self, now: float) -> Selection | None:
+        """A full batch from the rows read ahead, or None to read the queue again.
+
+        The rows read ahead stay valid while their users are idle: a batch drops its users'
+        rows when it starts (their state changes with its outcome), and rows added since come
+        later in order, so they are read next time.
+        Anything short of a full batch is decided on a fresh read, as if nothing were ahead.
+        """
+        if not self._prefetched:
+            return None
+        busy = self._busy_users
+        rows = [r for r in self._prefetched if r.user_key not in busy]
+        selection = select_batch(rows, self.config.batch_size, self.config.linger_s, now)
+        if len(selection.batch) < self.config.batch_size:
+            self._prefetched = []
+            return None
+        return selection
 
     async def _idle_wait(self, now: float) -> float:
         # Bounded: rows replayed by the CLI (another process) arrive without a wake-up.
@@ -297,6 +321,8 @@ class Forwarder:
     def _start(self, batch: list[QueuedMessage]) -> None:
         users = {r.user_key for r in batch}
         self._busy_users |= users
+        if self._prefetched:
+            self._prefetched = [r for r in self._prefetched if r.user_key not in users]
         task = asyncio.create_task(self._forward(batch), name=f"forward-batch-{batch[0].seq}")
         self._tasks.add(task)
 

@@ -178,6 +178,27 @@ async def test_one_user_stuck_in_retries_holds_back_no_one_else(
             assert keys.index(("stuck", 1)) < keys.index(("stuck", 2))
 
 
+async def test_batches_read_ahead_and_held_by_the_rate_limit_keep_each_users_order(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # One read fills every free lane (batch_size x concurrency rows); the rate limit then holds
+    # the second batch back. Whatever was read ahead must still go out in the user's order.
+    fake, api = fake_api
+    calls = [track("c", 1), track("c", 2), *(track("a", n) for n in range(1, 7))]
+    config = make_config(
+        queue_path,
+        api.url,
+        destination={"batch_size": 2, "concurrency": 4, "max_requests_per_second": 20},
+    )
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": calls}))[0] == 200
+        await fake.wait_for_commands(len(calls))
+    assert [key(c) for r in fake.requests for c in r.commands] == [
+        ("c", 1), ("c", 2), *(("a", n) for n in range(1, 7))
+    ]  # fmt: skip
+    assert [len(r.commands) for r in fake.requests] == [2, 2, 2, 2]
+
+
 def reorders_the_fake_asked_for(
     fake: FakeInfinario,
 ) -> set[tuple[tuple[str, int], tuple[str, int]]]:
