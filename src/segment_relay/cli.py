@@ -10,7 +10,7 @@ import logging.config
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_USAGE = 64
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class JsonFormatter(logging.Formatter):
@@ -177,17 +178,23 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import serve
 
     config = load_config(args.config)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with _daemon_runner() as runner:
         return runner.run(serve(config, dry_run=args.dry_run, config_path=Path(args.config)))
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop where it is installed (the daemon's hot path is the event loop)."""
+def _daemon_runner() -> asyncio.Runner:
+    """The daemon's event loop: uvloop where it is installed (the hot path is the loop).
+
+    The SQLite threads hand every result back by taking Python's lock: by default a thread
+    waits up to 5 ms for the busy event loop to give it up, and every queue write and read
+    waits with it. A shorter switch interval bounds that wait (measured in bench/forward.py).
+    """
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         import uvloop
     except ImportError:
-        return None
-    return uvloop.new_event_loop
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -324,6 +331,6 @@ def _dev(args: argparse.Namespace) -> int:
 
     with (
         tempfile.TemporaryDirectory(prefix="segment-relay-dev-") as workdir,
-        asyncio.Runner(loop_factory=_loop_factory()) as runner,
+        _daemon_runner() as runner,
     ):
         return runner.run(dev(Path(workdir), port=args.port, fake=args.fake_infinario))
