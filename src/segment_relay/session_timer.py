@@ -42,20 +42,38 @@ class SessionTimer:
         return closed
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick at every expiry until `stop` is set."""
+        """Tick at every expiry until `stop` is set.
+
+        A session opened meanwhile wakes it, but it reads or writes nothing unless that
+        session expires before the deadline it waits for (a new session's expiry is now plus
+        the timeout, so that happens only when no session was open).
+        """
         changed = self.store.sessions_changed
         while not stop.is_set():
             await self.tick()
             deadline = await self.store.next_session_expiry()
-            timeout = (
-                self.poll_s
-                if deadline is None
-                else min(self.poll_s, max(0.0, deadline - self.clock()))
-            )
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-            changed.clear()
+            while not stop.is_set():
+                timeout = (
+                    self.poll_s
+                    if deadline is None
+                    else min(self.poll_s, max(0.0, deadline - self.clock()))
+                )
+                if not await _first(stop, changed, timeout):
+                    break  # the deadline (or the poll interval) came: tick
+                changed.clear()
+                opened = self.store.take_opened_expiry()
+                if opened is not None and (deadline is None or opened < deadline):
+                    deadline = opened
+
+
+async def _first(stop: asyncio.Event, changed: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for either event or the timeout; whether an event was set."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
+    try:
+        done, _ = await asyncio.wait(
+            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
