@@ -24,10 +24,13 @@ import orjson
 
 from .errors import StoreError, StoreFullError
 from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
-from .sessions import SessionEvent, SessionRules, SessionState
+from .session_rows import Expansion, expand, session_activities
+from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 Group = tuple[list[NewMessage], "asyncio.Future[int]"]
+
+
 T = TypeVar("T")
 
 
@@ -152,8 +155,10 @@ class Store:
         self._closing = False
         # Set after every commit that stored something: the forwarder waits on it.
         self.new_work = asyncio.Event()
-        # Set when a session opens: the session timer recomputes its next deadline.
+        # Set when a session opens, with the earliest expiry among those opened since the
+        # session timer last took it: the timer moves its deadline only if that is earlier.
         self.sessions_changed = asyncio.Event()
+        self._opened_expiry: float | None = None
         # Why the latest commit failed for lack of room (None once one succeeds): /ready.
         self.full_error: str | None = None
         self.sessions_started = 0
@@ -295,7 +300,7 @@ class Store:
             # Sessions are read, advanced and written by one commit at a time (the timer's
             # expiry included), so no two of them work from the same session row.
             async with self._sessions_lock:
-                counts, session_rows, started = await self._commit(groups)
+                counts, session_rows, started, earliest = await self._commit(groups)
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             error = (
                 StoreFullError(f"the queue database is full: {exc}")
@@ -317,34 +322,43 @@ class Store:
         self._pending_count += sum(counts) + session_rows
         self.sessions_started += started
         self.sessions_ended += session_rows - started
-        if started:
+        if started and earliest is not None:
+            if self._opened_expiry is None or earliest < self._opened_expiry:
+                self._opened_expiry = earliest
             self.sessions_changed.set()
         if sum(counts) or session_rows:
             self.new_work.set()
 
-    async def _commit(self, groups: list[Group]) -> tuple[list[int], int, int]:
+    async def _commit(self, groups: list[Group]) -> tuple[list[int], int, int, float | None]:
         """Store the groups' messages with the session events they cause, in one transaction.
 
-        The Python work (session rules, JSON) happens here on the event loop; the SQLite
-        thread only runs statements, so it never waits for Python's lock in the middle.
-        Returns each request's count of new messages, the session rows and the sessions started.
+        Without session activity it is one statement. With it, the sessions are read, advanced
+        by the (pure) rules and written in one function on the SQLite thread: one hop, since
+        under load each hop waits for a turn of the busy event loop, and the read sees exactly
+        what the write replaces.
+        Returns each request's count of new messages, the session rows, the sessions started
+        and the earliest expiry among the sessions written.
         """
-        expanded, saved, started = await self._expand_sessions(groups)
-        rows = self._unique([m for group_rows, _ in expanded for m in group_rows])
-        array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
-        sessions_json = orjson.dumps(saved).decode() if saved else None
+        activities = session_activities(self._rules, [m for ms, _ in groups for m in ms])
 
-        def write(raw: sqlite3.Connection) -> tuple[int, int]:
-            if sessions_json is not None:
-                raw.execute(Q["save_sessions"], (sessions_json,))
+        def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
+            if activities:
+                inputs = self._session_inputs(raw, groups, activities)
+                expansion = expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
+            else:
+                expansion = Expansion([(messages, 0) for messages, _ in groups], [], 0)
+            rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
+            if expansion.saved:
+                raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved).decode(),))
+            array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
             inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
             last = 0
             if inserted < len(rows):
                 [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
-            return inserted, int(last)
+            return expansion, rows, inserted, int(last)
 
-        inserted, last = await self._write(write, one_statement=sessions_json is None)
-        session_rows = sum(n for _, n in expanded)
+        expansion, rows, inserted, last = await self._write(write, one_statement=not activities)
+        session_rows = sum(n for _, n in expansion.groups)
         stored = {id(m) for m in rows}
         if inserted < len(rows):
             # Some were duplicates of earlier commits (rare): the inserted rows are the last
@@ -355,7 +369,8 @@ class Store:
             new = {(str(r[0]), str(r[1])) for r in found}
             stored = {id(m) for m in rows if (m.source, m.message_id) in new}
         counts = [sum(id(m) in stored for m in messages) for messages, _ in groups]
-        return counts, session_rows, started
+        earliest = min((s[4] for s in expansion.saved), default=None)
+        return counts, session_rows, expansion.started, earliest
 
     @staticmethod
     def _unique(rows: list[NewMessage]) -> list[NewMessage]:
@@ -372,59 +387,21 @@ class Store:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    async def _expand_sessions(
-        self, groups: list[Group]
-    ) -> tuple[list[tuple[list[NewMessage], int]], list[list[Any]], int]:
-        """Each group's rows with the session events they cause (and how many those are), the
-        session rows to save, and how many sessions start."""
-        rules = self._rules
-        activities = {} if rules is None else {
-            id(m): a
-            for messages, _ in groups
-            for m in messages
-            if m.message is not None
-            and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
-        }  # fmt: skip
-        if rules is None or not activities:
-            return [(messages, 0) for messages, _ in groups], [], 0
-        candidates = [m for messages, _ in groups for m in messages if id(m) in activities]
-        seen = await self._already_accepted(candidates)
-        states = await self._sessions_of({a.user_key for a in activities.values()})
-        changed: dict[str, SessionState] = {}
-        expanded: list[tuple[list[NewMessage], int]] = []
-        started = 0
-        for messages, _ in groups:
-            rows: list[NewMessage] = []
-            for message in messages:
-                activity = activities.get(id(message))
-                key = (message.source, message.message_id)
-                if activity is not None and key not in seen:
-                    seen.add(key)
-                    events, state = rules.on_activity(states.get(activity.user_key), activity)
-                    if state is not None:
-                        states[activity.user_key] = changed[activity.user_key] = state
-                    rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
-                    started += sum(e.kind == "session_start" for e in events)
-                rows.append(message)
-            expanded.append((rows, len(rows) - len(messages)))
-        saved = [
-            [s.user_key, s.source, s.started_at, s.last_activity, s.expires_at, s.ids, s.context]
-            for s in changed.values()
-        ]
-        return expanded, saved, started
-
-    async def _already_accepted(self, messages: list[NewMessage]) -> set[tuple[str, str]]:
-        """(source, messageId) of these messages already accepted within the dedup window."""
-        pairs = orjson.dumps([[m.source, m.message_id] for m in messages]).decode()
-        since = min(m.received_at for m in messages) - self._dedup_window_s
-        rows = await self._reader.execute_fetchall(
-            Q["accepted_ids"], {"pairs": pairs, "since": since}
-        )
-        return {(str(r[0]), str(r[1])) for r in rows}
-
-    async def _sessions_of(self, users: set[str]) -> dict[str, SessionState]:
-        (found,) = await self._one("sessions_of", (orjson.dumps(sorted(users)).decode(),))
-        return {r[0]: _session_from_row(r) for r in orjson.loads(found)}
+    def _session_inputs(
+        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
+    ) -> tuple[set[tuple[str, str]], dict[str, SessionState]]:
+        """What the session rules need, in one statement on the writer's connection: which of
+        the active messages were already accepted within the dedup window (source,
+        messageId), and their users' sessions."""
+        active = [m for messages, _ in groups for m in messages if id(m) in activities]
+        pairs = orjson.dumps([[m.source, m.message_id] for m in active]).decode()
+        since = min(m.received_at for m in active) - self._dedup_window_s
+        users = orjson.dumps(sorted({a.user_key for a in activities.values()})).decode()
+        [(accepted, sessions)] = raw.execute(
+            Q["session_inputs"], {"pairs": pairs, "since": since, "users": users}
+        ).fetchall()
+        seen = {(str(r[0]), str(r[1])) for r in orjson.loads(accepted)}
+        return seen, {r[0]: _session_from_row(r) for r in orjson.loads(sessions)}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
         """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.
@@ -454,6 +431,11 @@ class Store:
         """Open sessions and the earliest wall-clock expiry among them."""
         count, earliest = await self._one("session_stats")
         return int(count), None if earliest is None else float(earliest)
+
+    def take_opened_expiry(self) -> float | None:
+        """The earliest expiry among sessions opened since the last call (None: none opened)."""
+        earliest, self._opened_expiry = self._opened_expiry, None
+        return earliest
 
     async def next_session_expiry(self) -> float | None:
         """The earliest wall-clock expiry of an open session, or None."""

@@ -60,24 +60,25 @@ INSERT INTO settlements (acked, retry, dead, names, counters, now) VALUES (?, ?,
 -- name: project_names
 SELECT kind, name FROM project_names;
 
--- name: accepted_ids
--- (source, messageId) pairs from :pairs (a JSON array) accepted within the dedup window.
-SELECT d.source, d.message_id
-FROM json_each(:pairs) AS j
-JOIN dedup AS d
-  ON d.source = json_extract(j.value, '$[0]') AND d.message_id = json_extract(j.value, '$[1]')
-WHERE d.received_at >= :since;
-
 -- name: prune_dedup
 DELETE FROM dedup WHERE received_at < ?;
 
--- name: sessions_of
--- The sessions of the users in ? (a JSON array), as one JSON array in one row.
-SELECT '[' || COALESCE(group_concat(
-    '[' || json_quote(user_key) || ',' || json_quote(source) || ',' || json_quote(started_at)
-    || ',' || json_quote(last_activity) || ',' || json_quote(expires_at) || ','
-    || CAST(ids AS TEXT) || ',' || COALESCE(CAST(context AS TEXT), 'null') || ']', ','), '') || ']'
-FROM sessions WHERE user_key IN (SELECT value FROM json_each(?));
+-- name: session_inputs
+-- What the session rules need for one commit, in one row: the (source, messageId) pairs of
+-- :pairs (a JSON array) accepted within the dedup window, and the sessions of the users in
+-- :users (a JSON array), each as a JSON array.
+SELECT
+    (SELECT json_group_array(json_array(d.source, d.message_id))
+     FROM json_each(:pairs) AS j
+     JOIN dedup AS d
+       ON d.source = json_extract(j.value, '$[0]') AND d.message_id = json_extract(j.value, '$[1]')
+     WHERE d.received_at >= :since),
+    (SELECT '[' || COALESCE(group_concat(
+        '[' || json_quote(user_key) || ',' || json_quote(source) || ',' || json_quote(started_at)
+        || ',' || json_quote(last_activity) || ',' || json_quote(expires_at) || ','
+        || CAST(ids AS TEXT) || ',' || COALESCE(CAST(context AS TEXT), 'null') || ']', ','), '')
+        || ']'
+     FROM sessions WHERE user_key IN (SELECT value FROM json_each(:users)));
 
 -- name: save_sessions
 -- ? is a JSON array of [user_key, source, started_at, last_activity, expires_at, ids, context]
