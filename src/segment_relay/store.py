@@ -29,8 +29,6 @@ from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 Group = tuple[list[NewMessage], "asyncio.Future[int]"]
-
-
 T = TypeVar("T")
 
 
@@ -340,17 +338,22 @@ class Store:
         and the earliest expiry among the sessions written.
         """
         activities = session_activities(self._rules, [m for ms, _ in groups for m in ms])
+        # Without session activity the rows are ready here, so the SQLite thread only runs
+        # the statement and never waits for Python's lock in the middle.
+        plain = (
+            None if activities else self._insertion(Expansion([(ms, 0) for ms, _ in groups], [], 0))
+        )
 
         def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
-            if activities:
-                inputs = self._session_inputs(raw, groups, activities)
-                expansion = expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
+            if plain is not None:
+                expansion, rows, array = plain
             else:
-                expansion = Expansion([(messages, 0) for messages, _ in groups], [], 0)
-            rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
-            if expansion.saved:
-                raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved).decode(),))
-            array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
+                inputs = self._session_inputs(raw, groups, activities)
+                expansion, rows, array = self._insertion(
+                    expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
+                )
+                if expansion.saved:
+                    raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved).decode(),))
             inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
             last = 0
             if inserted < len(rows):
@@ -371,6 +374,12 @@ class Store:
         counts = [sum(id(m) in stored for m in messages) for messages, _ in groups]
         earliest = min((s[4] for s in expansion.saved), default=None)
         return counts, session_rows, expansion.started, earliest
+
+    def _insertion(self, expansion: Expansion) -> tuple[Expansion, list[NewMessage], str]:
+        """The expansion, its rows without repeats, and those as the insert_messages array."""
+        rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
+        array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
+        return expansion, rows, array
 
     @staticmethod
     def _unique(rows: list[NewMessage]) -> list[NewMessage]:
