@@ -147,7 +147,6 @@ class Store:
         self._max_pending = max_pending
         self._pending_count = pending
         self._queue: list[Group] = []
-        self._sessions_lock = asyncio.Lock()
         self._queued = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closing = False
@@ -295,10 +294,9 @@ class Store:
 
     async def _commit_groups(self, groups: list[Group]) -> None:
         try:
-            # Sessions are read, advanced and written by one commit at a time (the timer's
-            # expiry included), so no two of them work from the same session row.
-            async with self._sessions_lock:
-                counts, session_rows, started, earliest = await self._commit(groups)
+            # Sessions are read, advanced and written inside the commit's transaction on the
+            # SQLite thread (the timer's expiry too), which runs one transaction at a time.
+            counts, session_rows, started, earliest = await self._commit(groups)
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             error = (
                 StoreFullError(f"the queue database is full: {exc}")
@@ -428,8 +426,7 @@ class Store:
             raw.executemany(Q["delete_session"], [(s.user_key,) for s in due])
             return len(due)
 
-        async with self._sessions_lock:
-            closed = await self._write(expire)
+        closed = await self._write(expire)
         self.sessions_ended += closed
         if closed:
             self._pending_count += closed
