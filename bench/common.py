@@ -70,12 +70,17 @@ def process(*cmd: str, timeout_s: float = 30.0) -> Iterator[Proc]:
         drain.wait(timeout=10)
 
 
-def relay_config(tmp: Path, api_url: str, **sections: object) -> Path:
+def relay_config(tmp: Path, api_url: str, *, rate: float | None = None, **sections: object) -> Path:
+    """The daemon's config for a benchmark: the shipped defaults, except `rate` (the
+    destination's max_requests_per_second, 80 by default) when given."""
+    destination: dict[str, object] = {"base_url": api_url, "project_token": "TOKEN"}
+    if rate is not None:
+        destination["max_requests_per_second"] = rate
     config: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": 0},
         "sources": [{"name": "bench", "write_key": WRITE_KEY}],
         "queue": {"path": str(tmp / "queue.db"), "synchronous": "full"},
-        "destination": {"base_url": api_url, "project_token": "TOKEN", "max_requests_per_second": 10000},
+        "destination": destination,
         "sessions": {"enabled": False},
     }
     for key, value in sections.items():

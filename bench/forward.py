@@ -32,6 +32,10 @@ from segment_relay.records import NewMessage  # noqa: E402
 from segment_relay.store import Store  # noqa: E402
 from segment_relay.testing import FakeInfinario  # noqa: E402
 
+# Forwarding speed is what this measures: the destination's rate limit (80 requests/s by
+# default, Bloomreach's documented limit) is lifted so that the relay itself is the limit.
+UNTHROTTLED = 10_000
+
 
 async def prefill(path: Path, count: int) -> None:
     store = await Store.open(path)
@@ -60,7 +64,7 @@ async def drain_with_daemon(tmp: Path, db: Path, count: int) -> tuple[float, flo
     fake = FakeInfinario(record=False)
     runner, url = await start_fake(fake)
     try:
-        config = relay_config(tmp, url, queue={"path": str(db)})
+        config = relay_config(tmp, url, rate=UNTHROTTLED, queue={"path": str(db)})
         started = time.perf_counter()
         with relay(config) as daemon:
             await until_accepted(fake, count, 900)
@@ -95,7 +99,7 @@ async def end_to_end(tmp: Path, events: int) -> None:
         for b in range(10)
     ]
     try:
-        config = relay_config(tmp, url)
+        config = relay_config(tmp, url, rate=UNTHROTTLED)
         with relay(config) as daemon:
             depth = PeakDepth(Path(str(tmp / "queue.db")))
             started = time.perf_counter()

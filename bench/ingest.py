@@ -1,12 +1,14 @@
 """Ingest benchmark (issue 3): the relay against two bare baselines, in the same run.
 
-  .venv/bin/python bench/ingest.py [--seconds 10]
+  .venv/bin/python bench/ingest.py [--seconds 10] [--rate N]
 
 64 connections from wrk (one thread) to 127.0.0.1. For single calls the baseline is a bare
 aiohttp handler that parses the JSON and answers 200; for 100-message batches a bare durable
 handler that writes each message as a row in one SQLite transaction (WAL, synchronous=FULL).
-The relay runs as the real daemon (synchronous: full), forwarding to the fake API. Each
-baseline runs before and after the relay and their mean is the reference (this host drifts).
+The relay runs as the real daemon as shipped (synchronous: full), forwarding to the fake API at
+the destination's default rate limit (80 requests/s); `--rate N` lifts that limit, so that the
+forwarder competes with the receiver for the event loop at full speed. Each baseline runs
+before and after the relay and their mean is the reference (this host drifts).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ def row(name: str, result: WrkResult, events: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=None, help="destination.max_requests_per_second (default: the relay's, 80)")
     args = parser.parse_args()
-    print(f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each")
+    print(f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
+          f"forwarding at {args.rate or 'the default'} requests/s")
     print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
     for name, body, path, events, mode in [
         ("single calls", SINGLE, "/v1/track", 1, "parse"),
@@ -58,7 +62,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             before = baseline(mode, tmp, body, path, args.seconds)
-            with fake_api() as api, relay(relay_config(tmp, api.url)) as daemon:
+            with fake_api() as api, relay(relay_config(tmp, api.url, rate=args.rate)) as daemon:
                 ours = wrk(daemon.url + path, body, seconds=args.seconds)
             after = baseline(mode, tmp, body, path, args.seconds)
         reference = (before.ok_per_s(events) + after.ok_per_s(events)) / 2

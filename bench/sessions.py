@@ -1,12 +1,13 @@
 """Sessions benchmark (issue 6), in one run:
 
-  .venv/bin/python bench/sessions.py [--sessions 1000000] [--seconds 10]
+  .venv/bin/python bench/sessions.py [--sessions 1000000] [--seconds 10] [--rate N]
 
 (1) Opens N sessions through the store (page calls of N users, 1,000 per commit), and prints
     the resident memory of this process before and after, the database size, and the time to
     expire them all through the session timer.
 (2) Page-call ingest of the real daemon with sessions on and off (wrk, 64 connections, five
-    page calls per user, so one call in five opens a session), and the ratio.
+    page calls per user, so one call in five opens a session), and the ratio. The daemon runs
+    as shipped, forwarding at the destination's default rate limit; `--rate N` lifts it.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ async def open_sessions(path: Path, count: int) -> None:
     await store.close()
 
 
-def ingest(tmp: Path, sessions: bool, seconds: int) -> float:
-    with fake_api() as api, relay(relay_config(tmp, api.url, sessions={"enabled": sessions})) as daemon:
+def ingest(tmp: Path, sessions: bool, seconds: int, rate: float | None) -> float:
+    with fake_api() as api, relay(relay_config(tmp, api.url, rate=rate, sessions={"enabled": sessions})) as daemon:
         result = wrk(daemon.url + "/v1/page", b"", seconds=seconds, script="pages.lua")
         rss, peak = daemon.rss_mb()
     print(f"  sessions {'on ' if sessions else 'off'}: {result.ok_per_s(1):8,.0f} page calls/s, p99 {result.p99_ms:.1f} ms, "
@@ -80,16 +81,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=None, help="destination.max_requests_per_second (default: the relay's, 80)")
     args = parser.parse_args()
     if args.sessions:
         with tempfile.TemporaryDirectory() as d:
             print(f"(1) {args.sessions:,} sessions through the store")
             asyncio.run(open_sessions(Path(d) / "sessions.db", args.sessions))
-    print(f"(2) page-call ingest, 64 connections, {args.seconds}s each")
+    print(f"(2) page-call ingest, 64 connections, {args.seconds}s each, forwarding at {args.rate or 'the default'} requests/s")
     rates = []
     for sessions in (False, True, False, True):
         with tempfile.TemporaryDirectory() as d:
-            rates.append(ingest(Path(d), sessions, args.seconds))
+            rates.append(ingest(Path(d), sessions, args.seconds, args.rate))
     off, on = (rates[0] + rates[2]) / 2, (rates[1] + rates[3]) / 2
     print(f"  sessions on / off = {on / off:.2f}x (cost {100 * (1 - on / off):.0f}% of page-call ingest)")
 
