@@ -119,6 +119,48 @@ async def test_dead_letters_keep_the_message_and_the_reason(queue_path: Path) ->
         await store.close()
 
 
+async def test_one_outcome_writes_retries_dead_letters_names_and_counters_together(
+    queue_path: Path,
+) -> None:
+    store = await Store.open(queue_path)
+    try:
+        await store.enqueue([msg(1, "a"), msg(2, "b"), msg(3, "c")])
+        a, b, c = await store.due(2000.0, (), 10)
+        # a: retried once (an attempt) then refused; b: held without an attempt; c: delivered.
+        await store.settle(retry=[(a.seq, 2100.0, "500", True)], now=2000.0)
+        [a] = await store.due(2100.0, ("b", "c"), 10)
+        await store.settle(
+            acked=[c.seq],
+            retry=[(b.seq, 2500.0, "held", False)],
+            dead=[(a, Failure("refused", "bad", 400, '{"error": "bad"}'))],
+            names=[("event_type", "e")],
+            counters={"delivered": 1, "dead_lettered": 1},
+            now=2100.0,
+        )
+        [dead] = await store.dead_letters()
+        assert (dead.seq, dead.message_id, dead.user_key, dead.type, orjson.loads(dead.body)) == (
+            a.seq, "m1", "a", "track", {"n": 1}
+        )  # fmt: skip
+        assert (dead.received_at, dead.reason, dead.detail) == (1000.0, "refused", "bad")
+        assert (dead.response_status, dead.response_body) == (400, '{"error": "bad"}')
+        assert (dead.attempts, dead.first_attempt_at, dead.last_attempt_at) == (2, 2000.0, 2100.0)
+        [held] = await store.due(2500.0, (), 10)
+        assert (held.seq, held.attempts, held.next_attempt_at, held.last_error) == (
+            b.seq, 0, 2500.0, "held"
+        )  # fmt: skip
+        assert await store.due(2499.0, (), 10) == []
+        assert await store.project_names() == [("event_type", "e")]
+        stats = await store.stats(2500.0)
+        assert (stats.pending, stats.dead_letters, stats.counters) == (
+            1,
+            {"refused": 1},
+            {"delivered": 1, "dead_lettered": 1},
+        )
+        assert store.pending_count == 1
+    finally:
+        await store.close()
+
+
 async def test_over_max_pending_the_store_refuses_and_keeps_what_it_has(queue_path: Path) -> None:
     store = await Store.open(queue_path, max_pending=3)
     try:
