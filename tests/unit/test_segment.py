@@ -127,7 +127,12 @@ def test_format_time_matches_datetime_to_the_millisecond() -> None:
         assert format_time(seconds) == expected, seconds
 
 
-def test_generated_message_ids_are_distinct_version_4_uuids() -> None:
-    ids = {new_message_id() for _ in range(10_000)}
+def test_generated_message_ids_are_distinct_time_ordered_version_7_uuids() -> None:
+    ids = {new_message_id(T0) for _ in range(10_000)}
     assert len(ids) == 10_000
-    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    # The first 48 bits are the receive time in milliseconds (RFC 9562), so they sort by it.
+    assert {uuid.UUID(i).int >> 80 for i in ids} == {int(T0 * 1000)}
+    later = [new_message_id(T0 + n / 1000) for n in range(1, 100)]
+    assert later == sorted(later)
+    assert min(later) > max(ids)
