@@ -156,6 +156,9 @@ class Forwarder:
         self._lingering: tuple[float, int] | None = None
         # Due rows read ahead for the next batches (see _from_prefetched).
         self._prefetched: list[QueuedMessage] = []
+        # The earliest retry time in the queue, as last read (see _idle_wait).
+        self._next_retry: float | None = None
+        self._next_retry_known = False
 
     @property
     def sends(self) -> bool:
@@ -272,7 +275,7 @@ class Forwarder:
             selection = self._from_prefetched(now)
             if selection is None:
                 # Room for every free slot's batch in one read: one hop instead of one each.
-                limit = size * self.config.concurrency
+                limit = size * (self.config.concurrency - len(self._tasks))
                 rows = await self._expire(await self.store.due(now, self._busy_users, limit), now)
                 self._prefetched = rows if len(rows) >= limit else []
                 selection = select_batch(rows, size, self.config.linger_s, now)
@@ -308,7 +311,12 @@ class Forwarder:
 
     async def _idle_wait(self, now: float) -> float:
         # Bounded: rows replayed by the CLI (another process) arrive without a wake-up.
-        next_retry = await self.store.next_retry_at()
+        # The earliest retry changes only when this forwarder writes retries (which forgets
+        # it) or when it comes: every commit wakes the forwarder, so it is not read each time.
+        if not self._next_retry_known or (self._next_retry is not None and self._next_retry <= now):
+            self._next_retry = await self.store.next_retry_at()
+            self._next_retry_known = True
+        next_retry = self._next_retry
         return IDLE_POLL_S if next_retry is None else min(IDLE_POLL_S, max(0.0, next_retry - now))
 
     async def _expire(self, rows: list[QueuedMessage], now: float) -> list[QueuedMessage]:
@@ -553,3 +561,7 @@ class Forwarder:
             with contextlib.suppress(Exception):
                 await task
             raise
+        finally:
+            if retry:
+                # Once written: an earliest retry read meanwhile may not know these.
+                self._next_retry_known = False

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from segment_relay.forward import IDLE_POLL_S
 from segment_relay.service import FORWARDER, METRICS, STORE
 from segment_relay.testing import FakeInfinario, Reply, random_faults
 from support import Server, make_config, post, running_fake, running_relay
@@ -176,6 +177,24 @@ async def test_one_user_stuck_in_retries_holds_back_no_one_else(
         keys = [key(c) for c in request.commands]
         if ("stuck", 2) in keys:
             assert keys.index(("stuck", 1)) < keys.index(("stuck", 2))
+
+
+async def test_a_command_retry_goes_out_when_due_without_other_traffic(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # The forwarder remembers the earliest retry time between wake-ups; the one it writes must
+    # make it look again, or the retry waits for the idle poll (forward.IDLE_POLL_S, 5 s).
+    fake, api = fake_api
+    fake.script.append(Reply(commands=["retry"]))
+    config = make_config(
+        queue_path, api.url, destination={"retry": {"command_retry": "100ms"}, "linger": "0s"}
+    )
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": [track("a", 1)]}))[0] == 200
+        await fake.wait_for_commands(1, timeout_s=IDLE_POLL_S - 1)
+    first, second = fake.requests
+    assert [r.results[0]["status"] for r in (first, second)] == ["retry", "ok"]
+    assert second.at - first.at >= 0.1
 
 
 async def test_batches_read_ahead_and_held_by_the_rate_limit_keep_each_users_order(
