@@ -37,7 +37,7 @@ def session_activities(
 
 
 def expand(
-    rules: SessionRules | None,
+    rules: SessionRules,
     groups: Sequence[list[NewMessage]],
     activities: dict[int, Activity],
     seen: set[tuple[str, str]],
@@ -46,7 +46,6 @@ def expand(
     """Each group's rows with the session events they cause, in order, given which messages
     were accepted before (`seen`, a repeat opens nothing) and the users' sessions (`states`).
     `seen` and `states` are updated as the messages are taken."""
-    assert rules is not None
     changed: dict[str, SessionState] = {}
     expanded: list[tuple[list[NewMessage], int]] = []
     started = 0

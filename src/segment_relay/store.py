@@ -336,20 +336,19 @@ class Store:
         and the earliest expiry among the sessions written.
         """
         activities = session_activities(self._rules, [m for ms, _ in groups for m in ms])
+        plain = Expansion([(ms, 0) for ms, _ in groups], [], 0)
         # Without session activity the rows are ready here, so the SQLite thread only runs
         # the statement and never waits for Python's lock in the middle.
-        plain = (
-            None if activities else self._insertion(Expansion([(ms, 0) for ms, _ in groups], [], 0))
-        )
+        prepared = None if activities else self._insertion(plain)
 
         def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
-            if plain is not None:
-                expansion, rows, array = plain
+            if prepared is not None:
+                expansion, (rows, array) = plain, prepared
             else:
+                assert self._rules is not None  # there is session activity
                 inputs = self._session_inputs(raw, groups, activities)
-                expansion, rows, array = self._insertion(
-                    expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
-                )
+                expansion = expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
+                rows, array = self._insertion(expansion)
                 if expansion.saved:
                     raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved).decode(),))
             inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
@@ -373,11 +372,10 @@ class Store:
         earliest = min((s[4] for s in expansion.saved), default=None)
         return counts, session_rows, expansion.started, earliest
 
-    def _insertion(self, expansion: Expansion) -> tuple[Expansion, list[NewMessage], str]:
-        """The expansion, its rows without repeats, and those as the insert_messages array."""
+    def _insertion(self, expansion: Expansion) -> tuple[list[NewMessage], str]:
+        """The expansion's rows without repeats, and those as the insert_messages array."""
         rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
-        array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
-        return expansion, rows, array
+        return rows, orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
 
     @staticmethod
     def _unique(rows: list[NewMessage]) -> list[NewMessage]:
