@@ -60,8 +60,9 @@ class QueuedMessage(NamedTuple):
     message_id: str
     user_key: str
     type: str
-    # The stored message, already parsed (the due query returns it as JSON).
-    message: dict[str, Any]
+    # The stored message as JSON text. It is parsed only when used (`message`): a read-ahead
+    # reads rows that a batch may not take.
+    body: str
     received_at: float
     attempts: int
     next_attempt_at: float
@@ -73,9 +74,10 @@ class QueuedMessage(NamedTuple):
         return cls._make(row)
 
     @property
-    def body(self) -> bytes:
-        """The message as JSON, as it is kept in the dead-letter table."""
-        return orjson.dumps(self.message)
+    def message(self) -> dict[str, Any]:
+        """The stored message, parsed (again at each use)."""
+        parsed: dict[str, Any] = orjson.loads(self.body)
+        return parsed
 
 
 @dataclass(frozen=True)

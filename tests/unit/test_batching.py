@@ -13,7 +13,7 @@ def row(
     seq: int, user: str, kind: str = "track", received_at: float = 0.0, attempts: int = 0
 ) -> QueuedMessage:
     return QueuedMessage(
-        seq, "s", f"m{seq}", user, kind, {}, received_at, attempts, 0.0, None, None
+        seq, "s", f"m{seq}", user, kind, "{}", received_at, attempts, 0.0, None, None
     )
 
 

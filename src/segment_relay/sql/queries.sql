@@ -29,12 +29,12 @@ SELECT COUNT(*) FROM messages;
 -- Due: its retry time has come, no earlier message of its user waits for a retry, and its
 -- user has no batch in flight (:busy, a JSON array of user keys).
 -- The rows come back as one JSON array in one result row: one step of SQLite, so the SQLite
--- thread takes Python's lock back once, not once per row. The stored bodies are JSON already
--- and are pasted in as they are, not parsed again. (group_concat's order is the subquery's
--- in practice; the caller sorts by seq all the same.)
+-- thread takes Python's lock back once, not once per row. The stored bodies come as JSON
+-- strings: the forwarder parses a body only when a batch takes its row. (group_concat's order
+-- is the subquery's in practice; the caller sorts by seq all the same.)
 SELECT '[' || COALESCE(group_concat(
     '[' || seq || ',' || json_quote(source) || ',' || json_quote(message_id) || ','
-    || json_quote(user_key) || ',' || json_quote(type) || ',' || CAST(body AS TEXT) || ','
+    || json_quote(user_key) || ',' || json_quote(type) || ',' || json_quote(CAST(body AS TEXT)) || ','
     || json_quote(received_at) || ',' || attempts || ',' || json_quote(next_attempt_at) || ','
     || json_quote(first_attempt_at) || ',' || json_quote(last_error) || ']', ','), '') || ']'
 FROM (
