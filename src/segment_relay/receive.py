@@ -154,7 +154,10 @@ class Receiver:
         return origin if origin in origins else None
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
-        allowed = self._allowed_origin(request.headers.get("Origin"))
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return  # not a browser's cross-origin call: CORS headers would be ignored
+        allowed = self._allowed_origin(origin)
         if allowed is None:
             return
         response.headers["Access-Control-Allow-Origin"] = allowed
@@ -351,7 +354,8 @@ class Receiver:
         if self.feed is not None:
             for m in messages:
                 self.feed.received(m.source, m.message or {})
-        self.metrics.messages_duplicate.inc(len(messages) - stored)
+        if stored < len(messages):
+            self.metrics.messages_duplicate.inc(len(messages) - stored)
 
 
 async def _read_chunk(request: web.Request) -> bytes:
