@@ -1,12 +1,13 @@
 """Sessions benchmark (issue 6), in one run:
 
-  .venv/bin/python bench/sessions.py [--sessions 1000000] [--seconds 10] [--rate N]
+  .venv/bin/python bench/sessions.py [--sessions 1000000] [--seconds 10] [--rounds 3] [--rate N]
 
 (1) Opens N sessions through the store (page calls of N users, 1,000 per commit), and prints
     the resident memory of this process before and after, the database size, and the time to
     expire them all through the session timer.
-(2) Page-call ingest of the real daemon with sessions on and off (wrk, 64 connections, five
-    page calls per user, so one call in five opens a session), and the ratio. The daemon runs
+(2) Page-call ingest of the real daemon with sessions off and on, alternating for --rounds
+    pairs (wrk, 64 connections, five page calls per user, so one call in five opens a
+    session), and the ratio of the means, with each pair's own ratio. The daemon runs
     as shipped, forwarding at the destination's default rate limit; `--rate N` lifts it.
 """
 
@@ -81,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs of ingest runs (the host drifts)")
     parser.add_argument("--rate", type=float, default=None, help="destination.max_requests_per_second (default: the relay's, 80)")
     args = parser.parse_args()
     if args.sessions:
@@ -88,12 +90,17 @@ def main() -> None:
             print(f"(1) {args.sessions:,} sessions through the store")
             asyncio.run(open_sessions(Path(d) / "sessions.db", args.sessions))
     print(f"(2) page-call ingest, 64 connections, {args.seconds}s each, forwarding at {args.rate or 'the default'} requests/s")
-    rates = []
-    for sessions in (False, True, False, True):
-        with tempfile.TemporaryDirectory() as d:
-            rates.append(ingest(Path(d), sessions, args.seconds, args.rate))
-    off, on = (rates[0] + rates[2]) / 2, (rates[1] + rates[3]) / 2
-    print(f"  sessions on / off = {on / off:.2f}x (cost {100 * (1 - on / off):.0f}% of page-call ingest)")
+    offs: list[float] = []
+    ons: list[float] = []
+    for _ in range(args.rounds):
+        for sessions, rates in ((False, offs), (True, ons)):
+            with tempfile.TemporaryDirectory() as d:
+                rates.append(ingest(Path(d), sessions, args.seconds, args.rate))
+    off, on = sum(offs) / len(offs), sum(ons) / len(ons)
+    # Each round's own ratio shows how far this host drifted between runs.
+    spread = ", ".join(f"{b / a:.2f}x" for a, b in zip(offs, ons, strict=True))
+    print(f"  sessions on / off = {on / off:.2f}x (cost {100 * (1 - on / off):.0f}% of page-call ingest); "
+          f"per round: {spread}")
 
 
 if __name__ == "__main__":
