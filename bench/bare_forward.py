@@ -8,7 +8,6 @@ aiohttp, deletes the rows; prints the number of messages forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import sys
 

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,13 +23,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from common import AUTH, Proc, python_bin, relay, relay_config
+from common import AUTH, python_bin, relay, relay_config
 from ingest import TRACK
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from segment_relay.records import NewMessage  # noqa: E402
-from segment_relay.store import Store  # noqa: E402
-from segment_relay.testing import FakeInfinario  # noqa: E402
+from segment_relay.records import NewMessage
+from segment_relay.store import Store
+from segment_relay.testing import FakeInfinario
 
 # Forwarding speed is what this measures: the destination's rate limit (80 requests/s by
 # default, Bloomreach's documented limit) is lifted so that the relay itself is the limit.

@@ -26,10 +26,10 @@ import orjson
 from common import fake_api, relay, relay_config, wrk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from segment_relay.records import NewMessage  # noqa: E402
-from segment_relay.session_timer import SessionTimer  # noqa: E402
-from segment_relay.sessions import SessionRules  # noqa: E402
-from segment_relay.store import Store  # noqa: E402
+from segment_relay.records import NewMessage
+from segment_relay.session_timer import SessionTimer
+from segment_relay.sessions import SessionRules
+from segment_relay.store import Store
 
 
 def rss_mb() -> float:
