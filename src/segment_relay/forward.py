@@ -30,6 +30,7 @@ from .mapping import Command, MappingSettings, map_message, mapping_settings
 from .metrics import Metrics
 from .records import Failure, QueuedMessage
 from .store import Store
+from .waiting import first_set
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -231,14 +232,7 @@ class Forwarder:
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
         """One wait for new work, a free slot, a timer or stop (style.md 8)."""
-        waiters = [
-            asyncio.ensure_future(e.wait()) for e in (stop, self.store.new_work, self._slot_free)
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await first_set(stop, self.store.new_work, self._slot_free, timeout_s=timeout_s)
         self.store.new_work.clear()
         self._slot_free.clear()
 

@@ -48,6 +48,7 @@ from .session_timer import SessionTimer
 from .sessions import SessionRules
 from .store import Store
 from .testing import FakeInfinario
+from .waiting import first_set
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +302,7 @@ def _handle_signals(app: web.Application, config_path: Path | None) -> asyncio.E
 
 async def _until_stopped(app: web.Application, stop: asyncio.Event) -> None:
     """Wait for SIGTERM/SIGINT (or a dead task), then drain the forwarder within the grace."""
-    waiters: list[asyncio.Future[Any]] = [
-        asyncio.ensure_future(stop.wait()),
-        asyncio.ensure_future(app[FATAL].wait()),
-    ]
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    await first_set(stop, app[FATAL])
     log.info("stopping", extra={"action": "stopping"})
     app[STOPPING].set()
     forwarder = app.get(FORWARDER)
@@ -321,9 +318,8 @@ async def _until_stopped(app: web.Application, stop: asyncio.Event) -> None:
             )
             forwarder.grace_s = 0
             await forwarder.finish(0)
-        waiters += [hurry, drained]
-    for waiter in waiters:
-        waiter.cancel()
+        for waiter in (hurry, drained):
+            waiter.cancel()
 
 
 async def _cleanup(runner: web.AppRunner, admin: web.AppRunner | None) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from .store import Store
+from .waiting import first_set
 
 log = logging.getLogger(__name__)
 POLL_S = 60.0
@@ -58,22 +59,10 @@ class SessionTimer:
                     if deadline is None
                     else min(self.poll_s, max(0.0, deadline - self.clock()))
                 )
-                if not await _first(stop, changed, timeout):
+                if not await first_set(stop, changed, timeout_s=timeout):
                     break  # the deadline (or the poll interval) came: tick
                 changed.clear()
                 opened = self.store.take_opened_expiry()
                 if opened is not None and (deadline is None or opened < deadline):
                     deadline = opened
 
-
-async def _first(stop: asyncio.Event, changed: asyncio.Event, timeout_s: float) -> bool:
-    """Wait for either event or the timeout; whether an event was set."""
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
-    try:
-        done, _ = await asyncio.wait(
-            waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    return bool(done)
