@@ -65,4 +65,3 @@ class SessionTimer:
                 opened = self.store.take_opened_expiry()
                 if opened is not None and (deadline is None or opened < deadline):
                     deadline = opened
-

@@ -375,7 +375,11 @@ class Store:
     def _insertion(self, expansion: Expansion) -> tuple[list[NewMessage], str]:
         """The expansion's rows without repeats, and those as the insert_messages array."""
         rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
-        return rows, orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
+        return rows, self._array(rows)
+
+    def _array(self, rows: list[NewMessage]) -> str:
+        """`rows` as the JSON array the insert_messages statement takes."""
+        return orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
 
     @staticmethod
     def _unique(rows: list[NewMessage]) -> list[NewMessage]:
@@ -419,8 +423,7 @@ class Store:
             due = [_session_from_row(r) for r in found]
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
             if rows:
-                array = orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
-                raw.execute(Q["insert_messages"], (array,))
+                raw.execute(Q["insert_messages"], (self._array(rows),))
             raw.executemany(Q["delete_session"], [(s.user_key,) for s in due])
             return len(due)
 
