@@ -244,8 +244,12 @@ class Receiver:
 
     async def single(self, request: web.Request, kind: str) -> web.StreamResponse:
         """One call on /v1/<type>: refused whole (4xx) or stored whole (200)."""
-        server = self.config.server
-        body = await self._read_json(request, server.max_request_bytes)
+        # No local holds the parsed body: it is dropped before the wait for the commit.
+        reading = self._read_json(request, self.config.server.max_request_bytes)
+        await self._store([self._accept_single(request, kind, await reading)])
+        return web.Response(body=SUCCESS, content_type="application/json")
+
+    def _accept_single(self, request: web.Request, kind: str, body: Any) -> NewMessage:
         self._received[kind].inc()
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_message", "the request body must be a JSON object")
@@ -255,20 +259,27 @@ class Receiver:
                 401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
             )
         try:
-            message = self._accept(body, kind, BatchEnvelope(), source)
+            return self._accept(body, kind, BatchEnvelope(), source)
         except MessageTooLargeError as exc:
             self.metrics.messages_rejected.labels("too_large").inc()
             raise ApiError(413, "message_too_large", str(exc)) from exc
         except InvalidMessageError as exc:
             self.metrics.messages_rejected.labels("invalid").inc()
             raise ApiError(400, "invalid_message", str(exc)) from exc
-        await self._store([message])
-        return web.Response(body=SUCCESS, content_type="application/json")
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
         """A batch: valid messages are stored, invalid ones counted and logged."""
+        # Only the encoded messages wait for the commit: no local holds the parsed body
+        # (about ten dicts and lists per message), which is garbage once they are made.
+        # Kept alive across the wait, 64 connections' batches were ~64,000 objects that
+        # every pass of the cyclic GC walked (with the GC off, the loop's CPU per event fell
+        # by a quarter).
+        reading = self._read_json(request, self.config.server.max_request_bytes)
+        await self._store(self._accept_batch(request, await reading))
+        return web.Response(body=SUCCESS, content_type="application/json")
+
+    def _accept_batch(self, request: web.Request, body: Any) -> list[NewMessage]:
         server = self.config.server
-        body = await self._read_json(request, server.max_request_bytes)
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             raise ApiError(400, "invalid_batch", 'the body must be an object with a "batch" list')
         items: list[Any] = body["batch"]
@@ -310,8 +321,7 @@ class Receiver:
                     401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
                 )
             raise ApiError(400, "invalid_message", "; ".join(problems[:5]))
-        await self._store(accepted)
-        return web.Response(body=SUCCESS, content_type="application/json")
+        return accepted
 
     def _accept(
         self, raw: Any, kind: str | None, envelope: BatchEnvelope, source: SourceConfig
@@ -332,8 +342,14 @@ class Receiver:
             type=str(enriched["type"]),
             body=encoded,
             received_at=received_at,
-            message=enriched,
+            # Kept only where it is read again: by the session rules in the commit, or by
+            # the debugger. Otherwise only the encoded bytes wait for the commit.
+            message=enriched if self._keeps(enriched) else None,
         )
+
+    def _keeps(self, message: dict[str, Any]) -> bool:
+        rules = self.store.session_rules
+        return self.feed is not None or (rules is not None and rules.watches(message))
 
     async def _store(self, messages: list[NewMessage]) -> None:
         try:

@@ -87,14 +87,18 @@ class SessionRules:
     def of(cls, idle_timeout_s: float, event_types: Iterable[str]) -> SessionRules:
         return cls(idle_timeout_s, frozenset(event_types))
 
+    def watches(self, message: dict[str, Any]) -> bool:
+        """Whether the message is of a type (or a track event) that drives sessions."""
+        kind = message.get("type")
+        return kind in self.event_types or (
+            kind == "track" and message.get("event") in self.event_types
+        )
+
     def activity(
         self, message: dict[str, Any], source: str, user_key: str, wall_time: float
     ) -> Activity | None:
         """The message as session activity, or None when it does not touch sessions."""
-        kind = message.get("type")
-        if kind not in self.event_types and not (
-            kind == "track" and message.get("event") in self.event_types
-        ):
+        if not self.watches(message):
             return None
         event_time = parse_time(message.get("timestamp"))
         if event_time is None or not user_key:

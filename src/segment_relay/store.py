@@ -396,6 +396,11 @@ class Store:
 
     # --- sessions -------------------------------------------------------------------------------
 
+    @property
+    def session_rules(self) -> SessionRules | None:
+        """The session rules the commits apply (None: sessions are off)."""
+        return self._rules
+
     def _session_inputs(
         self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
     ) -> tuple[set[tuple[str, str]], dict[str, SessionState]]:

@@ -308,6 +308,29 @@ async def test_batch_envelope_skew_correction_and_context_merge(queue_path: Path
     assert message["integrations"] == {"All": False}
 
 
+async def test_session_activity_is_read_from_single_calls_and_batches(queue_path: Path) -> None:
+    # The receiver keeps a parsed message for the commit only when it drives sessions: a page
+    # and a configured track event open sessions, another track event opens none.
+    config = make_config(
+        queue_path, "http://127.0.0.1:9", sessions={"event_types": ["page", "Video Played"]}
+    )
+    at = {"timestamp": "2024-03-01T12:00:00Z"}
+    async with running_relay(config, forward=False) as relay:
+        assert (await post(relay.url, "/v1/page", {"anonymousId": "p1", **at}))[0] == 200
+        assert (await post(relay.url, "/v1/track", {"userId": "t1", "event": "Other", **at}))[
+            0
+        ] == 200
+        batch = [
+            {"type": "track", "userId": "t2", "event": "Video Played", **at},
+            {"type": "track", "userId": "t3", "event": "Other", **at},
+            {"type": "page", "userId": "p2", **at},
+        ]
+        assert (await post(relay.url, "/v1/batch", {"batch": batch}))[0] == 200
+        rows = await relay.app[STORE].due(time.time() + 1, (), 100)
+    started = sorted(r.user_key for r in rows if r.type == "session_start")
+    assert started == ["p1", "p2", "t2"]
+
+
 async def test_a_duplicate_message_id_is_answered_200_and_stored_once_across_restarts(
     queue_path: Path,
 ) -> None:
