@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import RetryConfig
-from .records import QueuedMessage
+from .records import DueRead, QueuedMessage
 
 _RANDOM = random.Random()
 CUSTOMER_UPDATES = frozenset({"identify", "alias", "group"})
@@ -67,3 +67,49 @@ def durable_delay(attempts: int, retry: RetryConfig, rand: random.Random | None 
     capped = min(base, retry.backoff_max_s)
     fraction = (rand or _RANDOM).random()
     return capped * (0.5 + 0.5 * fraction)
+
+
+@dataclass
+class Coverage:
+    """What the forwarder's reads of the queue have shown, so that a read can skip it.
+
+    Every message with a seq up to `seq` is not due or belongs to a user in `users`. While
+    all of those users have a batch in flight, a read may start after `seq`. Without this, a
+    user with a long backlog and a batch in flight made each read step over that whole backlog
+    to find nothing else (one user's 20,000 queued messages cost the SQLite reader thread
+    100 us per message forwarded).
+    """
+
+    seq: int = 0
+    users: set[str] = field(default_factory=set)
+    # The replay count of the last read (DueRead.replayed).
+    replayed: int | None = None
+
+    def after(self, busy: set[str]) -> int:
+        """Where a read with these users busy may start."""
+        return self.seq if self.users <= busy else 0
+
+    def forget(self) -> None:
+        """Something may have made a message up to `seq` due (a retry's time came)."""
+        self.seq, self.users = 0, set()
+
+    def stale(self, read: DueRead, after: int) -> bool:
+        """Whether `read` (started at `after`) may have stepped over messages that came back:
+        dead letters replayed (by the CLI, another process) under their old seqs."""
+        replayed, self.replayed = self.replayed, read.replayed
+        if replayed == read.replayed or not after:
+            return False
+        self.forget()
+        return True
+
+    def update(self, read: DueRead, after: int, busy: set[str], limit: int) -> None:
+        """Take in what `read` showed: up to `read.looked`, the messages it did not return are
+        not due or are busy users'."""
+        if not after and len(read.rows) < limit:
+            # It looked at the whole queue: what was known before adds nothing.
+            self.seq, self.users = read.looked, set(busy)
+        else:
+            # Up to the old `seq` the old users still cover it: they are all kept.
+            self.seq = max(self.seq, read.looked)
+            self.users |= busy
+        self.users.update(r.user_key for r in read.rows)

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .batching import Selection, durable_delay, select_batch
+from .batching import Coverage, Selection, durable_delay, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
 from .errors import MappingError, PermanentSendError, TransientSendError
@@ -160,6 +160,12 @@ class Forwarder:
         # The earliest retry time in the queue, as last read (see _idle_wait).
         self._next_retry: float | None = None
         self._next_retry_known = False
+        # Counts the starts and ends of retry writes: a read of the earliest retry that
+        # overlapped one may have missed it, so its result is not taken as known.
+        self._retry_writes = 0
+        # What the reads of the queue have covered (see _read).
+        self._coverage = Coverage()
+        self._full_read_at = 0.0
 
     @property
     def sends(self) -> bool:
@@ -270,7 +276,7 @@ class Forwarder:
             if selection is None:
                 # Room for every free slot's batch in one read: one hop instead of one each.
                 limit = size * (self.config.concurrency - len(self._tasks))
-                rows = await self._expire(await self.store.due(now, self._busy_users, limit), now)
+                rows = await self._expire(await self._read(now, limit), now)
                 self._prefetched = rows if len(rows) >= limit else []
                 selection = select_batch(rows, size, self.config.linger_s, now)
             if not selection.batch:
@@ -284,6 +290,25 @@ class Forwarder:
             )
             self._start(selection.batch)
         return None
+
+    async def _read(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Up to `limit` due rows, skipping what earlier reads covered (see Coverage)."""
+        # A copy: a batch that ends during the read takes its user out of the busy set, but
+        # the read left that user's messages out all the same.
+        busy = set(self._busy_users)
+        tick = time.monotonic()
+        if tick >= self._full_read_at or self._retry_may_be_due(now):
+            # A retry coming due can make a covered message due; and every IDLE_POLL_S the
+            # whole queue is read, whatever happened.
+            self._coverage.forget()
+            self._full_read_at = tick + IDLE_POLL_S
+        after = self._coverage.after(busy)
+        read = await self.store.read_due(now, busy, limit, after)
+        if self._coverage.stale(read, after):
+            after = 0
+            read = await self.store.read_due(now, busy, limit)
+        self._coverage.update(read, after, busy, limit)
+        return read.rows
 
     def _from_prefetched(self, now: float) -> Selection | None:
         """A full batch from the rows read ahead, or None to read the queue again.
@@ -307,11 +332,18 @@ class Forwarder:
         # Bounded: rows replayed by the CLI (another process) arrive without a wake-up.
         # The earliest retry changes only when this forwarder writes retries (which forgets
         # it) or when it comes: every commit wakes the forwarder, so it is not read each time.
-        if not self._next_retry_known or (self._next_retry is not None and self._next_retry <= now):
+        if self._retry_may_be_due(now):
+            writes = self._retry_writes
             self._next_retry = await self.store.next_retry_at()
-            self._next_retry_known = True
+            self._next_retry_known = writes == self._retry_writes
         next_retry = self._next_retry
         return IDLE_POLL_S if next_retry is None else min(IDLE_POLL_S, max(0.0, next_retry - now))
+
+    def _retry_may_be_due(self, now: float) -> bool:
+        """Whether a message in backoff may be due at `now`, as far as this forwarder knows."""
+        return not self._next_retry_known or (
+            self._next_retry is not None and self._next_retry <= now
+        )
 
     async def _expire(self, rows: list[QueuedMessage], now: float) -> list[QueuedMessage]:
         cutoff = now - self.config.max_age_s
@@ -548,6 +580,8 @@ class Forwarder:
             now=now,
             counters={k: v for k, v in counters.items() if v},
         )
+        if retry:
+            self._retry_writes += 1
         task = asyncio.ensure_future(settle)
         try:
             await asyncio.shield(task)
@@ -558,4 +592,5 @@ class Forwarder:
         finally:
             if retry:
                 # Once written: an earliest retry read meanwhile may not know these.
+                self._retry_writes += 1
                 self._next_retry_known = False

@@ -80,6 +80,17 @@ class QueuedMessage(NamedTuple):
         return parsed
 
 
+class DueRead(NamedTuple):
+    """One read of the due messages (Store.read_due)."""
+
+    rows: list[QueuedMessage]
+    # The highest seq the read looked at: a message up to it that is not in `rows` was not due.
+    looked: int
+    # How many dead letters have been replayed into the queue, ever: replays go back under
+    # their old seqs, below what earlier reads looked at.
+    replayed: int
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A message that left the queue without being delivered, and why."""

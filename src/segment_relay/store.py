@@ -23,7 +23,7 @@ import aiosqlite
 import orjson
 
 from .errors import StoreError, StoreFullError
-from .records import DeadLetter, Failure, NewMessage, QueuedMessage, QueueStats
+from .records import DeadLetter, DueRead, Failure, NewMessage, QueuedMessage, QueueStats
 from .session_rows import Expansion, expand, session_activities
 from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
@@ -461,10 +461,20 @@ class Store:
         A message is due when its retry time has come, no earlier message of its user waits
         for a retry, and its user is not in `busy_users` (users with a batch in flight).
         """
+        return (await self.read_due(now, busy_users, limit)).rows
+
+    async def read_due(
+        self, now: float, busy_users: Iterable[str], limit: int, after: int = 0
+    ) -> DueRead:
+        """The due messages (as `due`) with a seq above `after`, how far the read looked and
+        the count of replays (see DueRead)."""
         busy = orjson.dumps(list(busy_users)).decode()
-        (found,) = await self._one("due_messages", {"now": now, "busy": busy, "limit": limit})
-        rows = sorted(orjson.loads(found), key=lambda r: int(r[0]))
-        return [QueuedMessage.from_row(r) for r in rows]
+        found, highest, replayed = await self._one(
+            "due_messages", {"now": now, "busy": busy, "limit": limit, "after": after}
+        )
+        rows = [QueuedMessage.from_row(r) for r in sorted(orjson.loads(found), key=lambda r: r[0])]
+        looked = rows[-1].seq if len(rows) >= limit else int(highest)
+        return DueRead(rows, looked, int(replayed))
 
     async def next_retry_at(self) -> float | None:
         """When the earliest message in backoff becomes due, or None."""
@@ -552,7 +562,9 @@ class Store:
         def replay(raw: sqlite3.Connection) -> int:
             cursor = raw.executemany(Q["replay_message"], [{"id": i, "now": now} for i in ids])
             raw.executemany(Q["delete_dead_letter"], [(i,) for i in ids])
-            return max(cursor.rowcount, 0)
+            moved = max(cursor.rowcount, 0)
+            raw.execute(Q["count_replayed"], (moved,))
+            return moved
 
         moved = await self._write(replay)
         self._pending_count += moved

@@ -165,6 +165,7 @@ class FakeInfinario:
         # When set to an unset Event, requests wait for it before they are answered.
         self.gate: asyncio.Event | None = None
         self.held = 0  # requests that have waited at the gate
+        self.held_commands: list[dict[str, Any]] = []  # their commands
         self.requests: list[Received] = []
         self.accepted: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
@@ -224,6 +225,7 @@ class FakeInfinario:
         if self.gate is not None and not self.gate.is_set():
             async with self._changed:
                 self.held += 1
+                self.held_commands.extend(commands)
                 self._changed.notify_all()
             await self.gate.wait()
         headers = dict(request.headers)

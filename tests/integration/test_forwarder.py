@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 
 from segment_relay.forward import IDLE_POLL_S
 from segment_relay.service import FORWARDER, METRICS, STORE
+from segment_relay.store import Store
 from segment_relay.testing import FakeInfinario, Reply, random_faults
 from support import Server, make_config, post, running_fake, running_relay
 
@@ -44,6 +47,11 @@ def key(command: dict[str, Any]) -> tuple[str, int]:
     data = command["data"]
     ids = data.get("customer_ids") or data.get("ids")
     return ids["registered"], int(data["properties"]["n"])
+
+
+# One user's backlog, posted as one batch, and its calls as delivered in order.
+BIG = [track("big", n) for n in range(1, 21)]
+BIG_KEYS = [("big", n) for n in range(1, 21)]
 
 
 async def test_retry_after_pauses_every_lane(
@@ -195,6 +203,87 @@ async def test_a_command_retry_goes_out_when_due_without_other_traffic(
     first, second = fake.requests
     assert [r.results[0]["status"] for r in (first, second)] == ["retry", "ok"]
     assert second.at - first.at >= 0.1
+
+
+async def test_a_user_with_a_backlog_in_flight_hides_no_one_who_comes_later(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # While "big" has a batch in flight, reads start after what earlier reads covered (all of
+    # big's backlog): a call of another user that arrives later must still be found.
+    fake, api = fake_api
+    fake.gate = asyncio.Event()
+    config = make_config(queue_path, api.url, destination={"batch_size": 2, "linger": "0s"})
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
+        await fake.wait_for(lambda f: f.held >= 1)
+        assert (await post(relay.url, "/v1/track", track("late", 1)))[0] == 200
+        # One batch per user is in flight: the second held request is late's.
+        await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
+        fake.gate.set()
+        delivered = [key(c) for c in await fake.wait_for_commands(21)]
+    assert [k for k in delivered if k[0] == "big"] == BIG_KEYS
+    assert ("late", 1) in delivered
+
+
+async def test_a_retry_coming_due_is_sent_while_a_user_with_a_backlog_is_in_flight(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # "r" waits for a retry when big's backlog arrives behind it; the reads that find only
+    # big's rows cover r's too. When r's retry time comes, a read must look at r again at once,
+    # not at the next idle poll (forward.IDLE_POLL_S) or when big's batch ends.
+    fake, api = fake_api
+    fake.script.append(Reply(commands=["retry"]))
+    config = make_config(
+        queue_path,
+        api.url,
+        destination={"batch_size": 2, "linger": "0s", "retry": {"command_retry": "300ms"}},
+    )
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/track", track("r", 1)))[0] == 200
+        await fake.wait_for(lambda f: len(f.requests) >= 1)
+        fake.gate = asyncio.Event()
+        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
+        await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
+        fake.gate.set()
+        delivered = [key(c) for c in await fake.wait_for_commands(21)]
+    assert ("r", 1) in delivered
+    assert [k for k in delivered if k[0] == "big"] == BIG_KEYS
+
+
+async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_flight(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # The CLI (another process) replays a dead letter under its old seq, below what the
+    # forwarder's reads have covered while big's batch is in flight: the next read must find
+    # it, not the next idle poll.
+    fake, api = fake_api
+    fake.script.append(Reply(commands=["error"]))
+    # Unthrottled, so that a read follows at once when big's batch starts.
+    config = make_config(
+        queue_path,
+        api.url,
+        destination={"batch_size": 2, "linger": "0s", "max_requests_per_second": 10_000},
+    )
+    async with running_relay(config) as relay:
+        assert (await post(relay.url, "/v1/track", track("x", 1)))[0] == 200
+        await relay.app[FORWARDER].drain(until_empty=False)
+        fake.gate = asyncio.Event()
+        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
+        await fake.wait_for(lambda f: f.held >= 1)
+        cli = await Store.open(queue_path, exclusive=False)
+        try:
+            [dead] = await cli.dead_letters()
+            assert await cli.replay([dead.id], time.time()) == 1
+        finally:
+            await cli.close()
+        # A call of another user wakes the forwarder (the CLI's commit does not).
+        assert (await post(relay.url, "/v1/track", track("y", 1)))[0] == 200
+        await fake.wait_for(
+            lambda f: ("y", 1) in [key(c) for c in f.held_commands], timeout_s=IDLE_POLL_S - 1
+        )
+        assert ("x", 1) in [key(c) for c in fake.held_commands]
+        fake.gate.set()
+        await fake.wait_for_commands(22)
 
 
 async def test_batches_read_ahead_and_held_by_the_rate_limit_keep_each_users_order(
