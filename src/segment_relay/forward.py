@@ -10,25 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
 
-import aiohttp
-import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .batching import Coverage, Selection, durable_delay, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
 from .errors import MappingError, PermanentSendError, TransientSendError
-from .infinario import ApiStyle, CommandResult, CredentialsError, Outcome, api_style, cut
+from .infinario import CommandResult, CredentialsError, Outcome, api_style, cut
 from .limits import ProjectLimits
 from .mapping import Command, MappingSettings, map_message, mapping_settings
 from .metrics import Metrics
 from .records import Failure, QueuedMessage
+from .senders import HttpSender, Sender
 from .store import Store
 from .waiting import first_set
 
@@ -36,72 +33,6 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 IDLE_POLL_S = 5.0
 Items = list[tuple[QueuedMessage, Command]]
-
-
-class Sender(Protocol):
-    """Sends one batch of commands; returns one result per command or raises a SendError."""
-
-    style: ApiStyle
-
-    async def send(self, commands: Sequence[Command]) -> list[CommandResult]: ...
-
-    def reload(self, style: ApiStyle, config: DestinationConfig) -> None: ...
-
-
-class HttpSender:
-    """Sends batches to the configured Infinario-style API over HTTP."""
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        style: ApiStyle,
-        config: DestinationConfig,
-        metrics: Metrics,
-        clock: Clock = time.time,
-    ) -> None:
-        self.session = session
-        self.style = style
-        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self.metrics = metrics
-        self.clock = clock
-
-    def reload(self, style: ApiStyle, config: DestinationConfig) -> None:
-        self.style = style
-        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-
-    async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
-        request = self.style.request(commands)
-        started = time.perf_counter()
-        try:
-            async with self.session.post(
-                request.url, data=request.body, headers=request.headers, timeout=self.timeout
-            ) as response:
-                body = await response.read()
-                status, headers = response.status, response.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TransientSendError(
-                f"cannot reach the destination: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            self.metrics.send_seconds.observe(time.perf_counter() - started)
-        return self.style.outcomes(status, headers, body, len(commands), self.clock())
-
-
-class DryRunSender:
-    """Prints each command it would send as one JSON line, and reports it accepted."""
-
-    def __init__(self, style: ApiStyle, out: TextIO | None = None) -> None:
-        self.style = style
-        self.out = out or sys.stdout
-
-    def reload(self, style: ApiStyle, config: DestinationConfig) -> None:
-        self.style = style
-
-    async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
-        for command in commands:
-            self.out.write(orjson.dumps(self.style.render(command)).decode() + "\n")
-        self.out.flush()
-        return [CommandResult(Outcome.OK) for _ in commands]
 
 
 @dataclass
@@ -147,7 +78,7 @@ class Forwarder:
         self.clock = clock
         self.state = ForwarderState()
         self._busy_users: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[set[str]]] = set()
         self._slot_free = asyncio.Event()
         self._next_send_at = 0.0
         self._crashed: BaseException | None = None
@@ -358,19 +289,28 @@ class Forwarder:
     def _start(self, batch: list[QueuedMessage]) -> None:
         users = {r.user_key for r in batch}
         self._busy_users |= users
+        # The batch's users' rows read ahead wait for its outcome: they are those users' next
+        # messages again if every message of theirs in the batch left the queue.
+        taken = {r.seq for r in batch}
+        following = [r for r in self._prefetched if r.user_key in users and r.seq not in taken]
         if self._prefetched:
             self._prefetched = [r for r in self._prefetched if r.user_key not in users]
         task = asyncio.create_task(self._forward(batch), name=f"forward-batch-{batch[0].seq}")
         self._tasks.add(task)
 
-        def done(t: asyncio.Task[None]) -> None:
+        def done(t: asyncio.Task[set[str]]) -> None:
             self._tasks.discard(t)
             self._busy_users -= users
             self._slot_free.set()
-            if not t.cancelled() and t.exception() is not None:
+            if t.cancelled():
+                return
+            if t.exception() is not None:
                 # A bug, not a send failure: stop forwarding (the supervisor exits non-zero)
                 # rather than loop on the same batch. Nothing is lost: it is still queued.
                 self._crashed = self._crashed or t.exception()
+            elif ready := [r for r in following if r.user_key not in t.result()]:
+                # So one user's backlog needs no read per batch (a read fills every lane).
+                self._prefetched = sorted([*self._prefetched, *ready], key=lambda r: r.seq)
 
         task.add_done_callback(done)
 
@@ -392,7 +332,8 @@ class Forwarder:
             self._ids.pop(row.seq, None)
             self.feed.state(row.message_id, "dead-lettered", f"{failure.reason}: {failure.detail}")
 
-    async def _forward(self, batch: list[QueuedMessage]) -> None:
+    async def _forward(self, batch: list[QueuedMessage]) -> set[str]:
+        """Send one batch and write its outcome; return the users with a message left queued."""
         now = self.clock()
         if self.feed is not None:
             for row in batch:
@@ -426,8 +367,7 @@ class Forwarder:
         if skipped or dead or names:
             # New names are remembered before the send: two lanes cannot both take the last slot.
             await self._write(acked=skipped, dead=dead, names=names, now=now)
-        if to_send:
-            await self._send(to_send)
+        return await self._send(to_send) if to_send else set()
 
     async def _send(self, items: Items) -> set[str]:
         """Send one batch and write its outcome; return the users with a message left queued."""

@@ -37,13 +37,14 @@ from .appkeys import (
 )
 from .config import Config, build
 from .debugger import DebugFeed
-from .forward import DryRunSender, Forwarder, HttpSender, Sender
+from .forward import Forwarder
 from .infinario import api_style
 from .limits import ProjectLimits
 from .mapping import mapping_settings
 from .metrics import Metrics
 from .notify import Notifier
 from .receive import Receiver
+from .senders import DryRunSender, HttpSender, Sender
 from .session_timer import SessionTimer
 from .sessions import SessionRules
 from .store import Store
