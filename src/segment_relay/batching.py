@@ -97,10 +97,11 @@ class Coverage:
         """Whether `read` (started at `after`) may have stepped over messages that came back:
         dead letters replayed (by the CLI, another process) under their old seqs."""
         replayed, self.replayed = self.replayed, read.replayed
-        if replayed == read.replayed or not after:
+        if replayed is None or replayed == read.replayed:
             return False
+        # What earlier reads showed no longer holds; a read from the start is still whole.
         self.forget()
-        return True
+        return after != 0
 
     def update(self, read: DueRead, after: int, busy: set[str], limit: int) -> None:
         """Take in what `read` showed: up to `read.looked`, the messages it did not return are

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from segment_relay.config import Config
 from segment_relay.forward import IDLE_POLL_S
 from segment_relay.service import FORWARDER, METRICS, STORE
 from segment_relay.store import Store
@@ -52,6 +53,22 @@ def key(command: dict[str, Any]) -> tuple[str, int]:
 # One user's backlog, posted as one batch, and its calls as delivered in order.
 BIG = [track("big", n) for n in range(1, 21)]
 BIG_KEYS = [("big", n) for n in range(1, 21)]
+
+
+def backlog_config(queue_path: Path, api: Server, **destination: Any) -> Config:
+    """Two commands a request, sent at once: BIG makes ten requests, one in flight at a time."""
+    return make_config(
+        queue_path, api.url, destination={"batch_size": 2, "linger": "0s", **destination}
+    )
+
+
+async def release(fake: FakeInfinario, count: int) -> list[tuple[str, int]]:
+    """Open the fake's gate; once `count` commands are in, what was delivered (BIG in order)."""
+    assert fake.gate is not None
+    fake.gate.set()
+    delivered = [key(c) for c in await fake.wait_for_commands(count)]
+    assert [k for k in delivered if k[0] == "big"] == BIG_KEYS
+    return delivered
 
 
 async def test_retry_after_pauses_every_lane(
@@ -212,17 +229,13 @@ async def test_a_user_with_a_backlog_in_flight_hides_no_one_who_comes_later(
     # big's backlog): a call of another user that arrives later must still be found.
     fake, api = fake_api
     fake.gate = asyncio.Event()
-    config = make_config(queue_path, api.url, destination={"batch_size": 2, "linger": "0s"})
-    async with running_relay(config) as relay:
+    async with running_relay(backlog_config(queue_path, api)) as relay:
         assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
         await fake.wait_for(lambda f: f.held >= 1)
         assert (await post(relay.url, "/v1/track", track("late", 1)))[0] == 200
         # One batch per user is in flight: the second held request is late's.
         await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
-        fake.gate.set()
-        delivered = [key(c) for c in await fake.wait_for_commands(21)]
-    assert [k for k in delivered if k[0] == "big"] == BIG_KEYS
-    assert ("late", 1) in delivered
+        assert ("late", 1) in await release(fake, 21)
 
 
 async def test_a_retry_coming_due_is_sent_while_a_user_with_a_backlog_is_in_flight(
@@ -233,21 +246,14 @@ async def test_a_retry_coming_due_is_sent_while_a_user_with_a_backlog_is_in_flig
     # not at the next idle poll (forward.IDLE_POLL_S) or when big's batch ends.
     fake, api = fake_api
     fake.script.append(Reply(commands=["retry"]))
-    config = make_config(
-        queue_path,
-        api.url,
-        destination={"batch_size": 2, "linger": "0s", "retry": {"command_retry": "300ms"}},
-    )
+    config = backlog_config(queue_path, api, retry={"command_retry": "300ms"})
     async with running_relay(config) as relay:
         assert (await post(relay.url, "/v1/track", track("r", 1)))[0] == 200
         await fake.wait_for(lambda f: len(f.requests) >= 1)
         fake.gate = asyncio.Event()
         assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
         await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
-        fake.gate.set()
-        delivered = [key(c) for c in await fake.wait_for_commands(21)]
-    assert ("r", 1) in delivered
-    assert [k for k in delivered if k[0] == "big"] == BIG_KEYS
+        assert ("r", 1) in await release(fake, 21)
 
 
 async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_flight(
@@ -259,11 +265,7 @@ async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_f
     fake, api = fake_api
     fake.script.append(Reply(commands=["error"]))
     # Unthrottled, so that a read follows at once when big's batch starts.
-    config = make_config(
-        queue_path,
-        api.url,
-        destination={"batch_size": 2, "linger": "0s", "max_requests_per_second": 10_000},
-    )
+    config = backlog_config(queue_path, api, max_requests_per_second=10_000)
     async with running_relay(config) as relay:
         assert (await post(relay.url, "/v1/track", track("x", 1)))[0] == 200
         await relay.app[FORWARDER].drain(until_empty=False)
@@ -282,8 +284,7 @@ async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_f
             lambda f: ("y", 1) in [key(c) for c in f.held_commands], timeout_s=IDLE_POLL_S - 1
         )
         assert ("x", 1) in [key(c) for c in fake.held_commands]
-        fake.gate.set()
-        await fake.wait_for_commands(22)
+        await release(fake, 22)
 
 
 async def test_batches_read_ahead_and_held_by_the_rate_limit_keep_each_users_order(
