@@ -59,8 +59,9 @@ def expand(
                 events, state = rules.on_activity(states.get(activity.user_key), activity)
                 if state is not None:
                     states[activity.user_key] = changed[activity.user_key] = state
-                rows.extend(NewMessage.session_event(e, message.received_at) for e in events)
-                started += sum(e.kind == "session_start" for e in events)
+                for event in events:  # most calls extend a session: none
+                    rows.append(NewMessage.session_event(event, message.received_at))
+                    started += event.kind == "session_start"
             rows.append(message)
         expanded.append((rows, len(rows) - len(messages)))
     saved = [
