@@ -97,6 +97,8 @@ class Forwarder:
         # What the reads of the queue have covered (see _read).
         self._coverage = Coverage()
         self._full_read_at = 0.0
+        # Whether the last dispatch stopped for the rate limit or a pause (see _wait).
+        self._paced = False
 
     @property
     def sends(self) -> bool:
@@ -168,7 +170,14 @@ class Forwarder:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
-        """One wait for new work, a free slot, a timer or stop (style.md 8)."""
+        """One wait for new work, a free slot, a timer or stop (style.md 8).
+
+        While the rate limit or a pause allows no request, only for the timer or stop: every
+        commit sets new_work, and waking for each changed nothing before the timer anyway.
+        """
+        if self._paced:
+            await first_set(stop, timeout_s=timeout_s)
+            return
         await first_set(stop, self.store.new_work, self._slot_free, timeout_s=timeout_s)
         self.store.new_work.clear()
         self._slot_free.clear()
@@ -186,15 +195,16 @@ class Forwarder:
         # Pauses and pacing run on the monotonic clock; `now` (wall clock, injectable) decides
         # what is due and stamps what is written.
         tick = time.monotonic()
-        if tick < self.state.paused_until:
+        self._paced = tick < self.state.paused_until
+        if self._paced:
             return self.state.paused_until - tick
         now = self.clock()
         size = self.config.batch_size
         while len(self._tasks) < self.config.concurrency:
             tick = time.monotonic()
             if tick < self._next_send_at:
-                # The rate allows no request yet: no need to read the queue before then
-                # (every commit wakes the forwarder; at 80 requests/s most wake-ups end here).
+                # The rate allows no request yet: no need to read the queue before then.
+                self._paced = True
                 return self._next_send_at - tick
             if self._lingering is not None:
                 until, pending = self._lingering
