@@ -345,6 +345,7 @@ class Receiver:
             # Kept only where it is read again: by the session rules in the commit, or by
             # the debugger. Otherwise only the encoded bytes wait for the commit.
             message=enriched if self._keeps(enriched) else None,
+            fresh_id=not message.get("messageId"),
         )
 
     def _keeps(self, message: dict[str, Any]) -> bool:

@@ -26,6 +26,8 @@ class NewMessage(NamedTuple):
     received_at: float
     # The message itself, for the session rules (not stored apart from `body`).
     message: dict[str, Any] | None = None
+    # The relay made its messageId (the client sent none): it cannot repeat an accepted one.
+    fresh_id: bool = False
 
     def row(self, dedup_window_s: float) -> list[Any]:
         """The message as an element of the `insert_messages` JSON array."""

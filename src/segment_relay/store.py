@@ -406,10 +406,17 @@ class Store:
     ) -> tuple[set[tuple[str, str]], dict[str, SessionState]]:
         """What the session rules need, in one statement on the writer's connection: which of
         the active messages were already accepted within the dedup window (source,
-        messageId), and their users' sessions."""
-        active = [m for messages, _ in groups for m in messages if id(m) in activities]
+        messageId), and their users' sessions.
+
+        Messages whose messageId the relay made are left out of the first: they cannot be
+        repeats, and calls without a messageId are common (each pair costs a lookup and JSON
+        on both sides of the SQLite thread's hop).
+        """
+        active = [
+            m for messages, _ in groups for m in messages if id(m) in activities and not m.fresh_id
+        ]
         pairs = orjson.dumps([[m.source, m.message_id] for m in active]).decode()
-        since = min(m.received_at for m in active) - self._dedup_window_s
+        since = min((m.received_at for m in active), default=0.0) - self._dedup_window_s
         users = orjson.dumps(sorted({a.user_key for a in activities.values()})).decode()
         [(accepted, sessions)] = raw.execute(
             Q["session_inputs"], {"pairs": pairs, "since": since, "users": users}

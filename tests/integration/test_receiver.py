@@ -331,6 +331,22 @@ async def test_session_activity_is_read_from_single_calls_and_batches(queue_path
     assert started == ["p1", "p2", "t2"]
 
 
+async def test_a_client_retry_after_its_session_ended_opens_no_new_session(
+    queue_path: Path,
+) -> None:
+    # The session rules skip repeats of accepted messageIds (the relay's own ids cannot
+    # repeat, so only the client's are looked up): a page resent after its session was closed
+    # must not open a second one.
+    page = {"anonymousId": "a1", "messageId": "p-1", "timestamp": "2024-03-01T12:00:00Z"}
+    async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
+        store = relay.app[STORE]
+        assert (await post(relay.url, "/v1/page", page))[0] == 200
+        assert await store.expire_sessions(time.time() + 7200) == 1
+        assert (await post(relay.url, "/v1/page", page))[0] == 200
+        rows = await store.due(time.time() + 1, (), 100)
+    assert [r.type for r in rows] == ["session_start", "page", "session_end"]
+
+
 async def test_a_duplicate_message_id_is_answered_200_and_stored_once_across_restarts(
     queue_path: Path,
 ) -> None:
