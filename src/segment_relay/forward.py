@@ -90,10 +90,11 @@ class Forwarder:
         self._prefetched: list[QueuedMessage] = []
         # The earliest retry time in the queue, as last read (see _idle_wait).
         self._next_retry: float | None = None
-        self._next_retry_known = False
-        # Counts the starts and ends of retry writes: a read of the earliest retry that
-        # overlapped one may have missed it, so its result is not taken as known.
+        # Counts the starts and ends of retry writes. The earliest retry is known while the
+        # count is what it was when it was read: a write since, or one that overlapped the
+        # read, may have added an earlier one.
         self._retry_writes = 0
+        self._next_retry_read_at: int | None = None
         # What the reads of the queue have covered (see _read).
         self._coverage = Coverage()
         self._full_read_at = 0.0
@@ -272,17 +273,17 @@ class Forwarder:
     async def _idle_wait(self, now: float) -> float:
         # Bounded: rows replayed by the CLI (another process) arrive without a wake-up.
         # The earliest retry changes only when this forwarder writes retries (which forgets
-        # it) or when it comes: every commit wakes the forwarder, so it is not read each time.
+        # it) or when it comes: the forwarder wakes often, so it is not read each time.
         if self._retry_may_be_due(now):
             writes = self._retry_writes
             self._next_retry = await self.store.next_retry_at()
-            self._next_retry_known = writes == self._retry_writes
+            self._next_retry_read_at = writes
         next_retry = self._next_retry
         return IDLE_POLL_S if next_retry is None else min(IDLE_POLL_S, max(0.0, next_retry - now))
 
     def _retry_may_be_due(self, now: float) -> bool:
         """Whether a message in backoff may be due at `now`, as far as this forwarder knows."""
-        return not self._next_retry_known or (
+        return self._next_retry_read_at != self._retry_writes or (
             self._next_retry is not None and self._next_retry <= now
         )
 
@@ -543,4 +544,3 @@ class Forwarder:
             if retry:
                 # Once written: an earliest retry read meanwhile may not know these.
                 self._retry_writes += 1
-                self._next_retry_known = False

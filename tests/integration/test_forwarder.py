@@ -62,6 +62,13 @@ def backlog_config(queue_path: Path, api: Server, **destination: Any) -> Config:
     )
 
 
+async def hold_backlog(relay: Server, fake: FakeInfinario) -> None:
+    """Close the fake's gate and post BIG; return once a request waits at the gate."""
+    fake.gate = asyncio.Event()
+    assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
+    await fake.wait_for(lambda f: f.held >= 1)
+
+
 async def release(fake: FakeInfinario, count: int) -> list[tuple[str, int]]:
     """Open the fake's gate; once `count` commands are in, what was delivered (BIG in order)."""
     assert fake.gate is not None
@@ -228,10 +235,8 @@ async def test_a_user_with_a_backlog_in_flight_hides_no_one_who_comes_later(
     # While "big" has a batch in flight, reads start after what earlier reads covered (all of
     # big's backlog): a call of another user that arrives later must still be found.
     fake, api = fake_api
-    fake.gate = asyncio.Event()
     async with running_relay(backlog_config(queue_path, api)) as relay:
-        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
-        await fake.wait_for(lambda f: f.held >= 1)
+        await hold_backlog(relay, fake)
         assert (await post(relay.url, "/v1/track", track("late", 1)))[0] == 200
         # One batch per user is in flight: the second held request is late's.
         await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
@@ -250,8 +255,7 @@ async def test_a_retry_coming_due_is_sent_while_a_user_with_a_backlog_is_in_flig
     async with running_relay(config) as relay:
         assert (await post(relay.url, "/v1/track", track("r", 1)))[0] == 200
         await fake.wait_for(lambda f: len(f.requests) >= 1)
-        fake.gate = asyncio.Event()
-        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
+        await hold_backlog(relay, fake)
         await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
         assert ("r", 1) in await release(fake, 21)
 
@@ -269,9 +273,7 @@ async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_f
     async with running_relay(config) as relay:
         assert (await post(relay.url, "/v1/track", track("x", 1)))[0] == 200
         await relay.app[FORWARDER].drain(until_empty=False)
-        fake.gate = asyncio.Event()
-        assert (await post(relay.url, "/v1/batch", {"batch": BIG}))[0] == 200
-        await fake.wait_for(lambda f: f.held >= 1)
+        await hold_backlog(relay, fake)
         cli = await Store.open(queue_path, exclusive=False)
         try:
             [dead] = await cli.dead_letters()
