@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import DEFAULT_CONTEXT_FIELDS, Config
 from .errors import MappingError
@@ -30,6 +29,12 @@ class MappingSettings:
     registered_id: str = "registered"
     cookie_id: str = "cookie"
     context_fields: tuple[str, ...] = DEFAULT_CONTEXT_FIELDS
+    # (field, property name) for each context field, computed once.
+    context_names: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = tuple((name, snake(name)) for name in self.context_fields)
+        object.__setattr__(self, "context_names", names)
 
 
 def mapping_settings(config: Config) -> MappingSettings:
@@ -38,9 +43,11 @@ def mapping_settings(config: Config) -> MappingSettings:
     return MappingSettings(m.registered_id, m.cookie_id, m.context_fields)
 
 
-@dataclass(frozen=True)
-class Command:
-    """One API-neutral command: a customer update (`event_type` None) or an event."""
+class Command(NamedTuple):
+    """One API-neutral command: a customer update (`event_type` None) or an event.
+
+    A NamedTuple, as the records made per message on the event loop are (records.py).
+    """
 
     message_id: str
     ids: dict[str, str]
@@ -48,7 +55,7 @@ class Command:
     timestamp: float
     event_type: str | None = None
     # Keys beyond MAX_PROPERTIES that were left out, for the dropped-keys counter.
-    dropped_keys: int = field(default=0, compare=False)
+    dropped_keys: int = 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,51 +64,53 @@ def snake(name: str) -> str:
     return _CAMEL.sub(r"_\1", name).lower()
 
 
-def unpack(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Pairs in document order with the first level of object values unpacked.
+def add_property(out: dict[str, Any], key: str, value: Any) -> int:
+    """Put one pair through the property pipeline into `out`; return how many keys it dropped.
 
-    `{"address": {"country": "UK"}}` -> `("address_country", "UK")`; deeper objects stay
-    objects, and an empty object unpacks to nothing.
+    An object value is unpacked one level (`address: {country: UK}` -> `address_country`;
+    deeper objects stay objects, an empty object adds nothing). No generators or pair lists:
+    the forwarder maps every event on the event loop.
     """
-    for key, value in values.items():
-        if isinstance(value, dict):
-            for inner, inner_value in value.items():
-                yield f"{prefix}{key}_{inner}", inner_value
-        else:
-            yield f"{prefix}{key}", value
-
-
-def build_properties(pairs: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], int]:
-    """Apply the property pipeline to unpacked pairs; return the properties and keys dropped.
-
-    `.` and `$` in keys become `_`; on a collision the earlier pair wins; at most
-    MAX_PROPERTIES keys are kept, the first in document order.
-    """
-    out: dict[str, Any] = {}
+    if not isinstance(value, dict):
+        return _put(out, key, value)
     dropped = 0
-    for raw_key, value in pairs:
-        key = raw_key.replace(".", "_").replace("$", "_")
-        if key in out:
-            continue
-        if len(out) >= MAX_PROPERTIES:
-            dropped += 1
-            continue
-        out[key] = value
-    return out, dropped
+    for inner, inner_value in value.items():
+        dropped += _put(out, f"{key}_{inner}", inner_value)
+    return dropped
 
 
-def context_pairs(context: Any, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
-    """The configured context fields as event properties (`os.name` -> `os_name`)."""
-    if not isinstance(context, dict):
-        return
-    for name in names:
-        value = context.get(name)
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            yield from unpack({snake(name): value})
-        else:
-            yield snake(name), value
+def _put(out: dict[str, Any], key: str, value: Any) -> int:
+    """`.` and `$` in the key become `_`; on a collision the earlier pair wins; at most
+    MAX_PROPERTIES keys are kept, the first in document order. Returns the keys dropped."""
+    if "." in key or "$" in key:
+        key = key.replace(".", "_").replace("$", "_")
+    if key in out:
+        return 0
+    if len(out) >= MAX_PROPERTIES:
+        return 1
+    out[key] = value
+    return 0
+
+
+def add_properties(out: dict[str, Any], values: Any, prefix: str = "") -> int:
+    """`add_property` for each pair of an object (nothing when it is not one)."""
+    dropped = 0
+    if isinstance(values, dict):
+        for key, value in values.items():
+            dropped += add_property(out, prefix + key if prefix else key, value)
+    return dropped
+
+
+def add_context(out: dict[str, Any], context: Any, names: tuple[tuple[str, str], ...]) -> int:
+    """The context fields `names` (field, property name) as event properties
+    (`os.name` -> `os_name`)."""
+    dropped = 0
+    if isinstance(context, dict):
+        for name, key in names:
+            value = context.get(name)
+            if value is not None:
+                dropped += add_property(out, key, value)
+    return dropped
 
 
 def _id(value: Any) -> str | None:
@@ -119,11 +128,6 @@ def customer_ids(message: dict[str, Any], settings: MappingSettings) -> dict[str
     if (cookie := _id(message.get("anonymousId"))) is not None:
         ids[settings.cookie_id] = cookie
     return ids
-
-
-def _object(message: dict[str, Any], name: str) -> dict[str, Any]:
-    value = message.get(name)
-    return value if isinstance(value, dict) else {}
 
 
 def map_message(message: dict[str, Any], settings: MappingSettings) -> Command | None:
@@ -148,42 +152,35 @@ def map_message(message: dict[str, Any], settings: MappingSettings) -> Command |
         return Command(message_id, alias_ids, {}, timestamp)
     if not ids:
         raise MappingError("the message has neither userId nor anonymousId")
+    props: dict[str, Any] = {}
     if kind == "identify":
-        props, dropped = build_properties(unpack(_object(message, "traits")))
+        dropped = add_properties(props, message.get("traits"))
         return Command(message_id, ids, props, timestamp, dropped_keys=dropped)
     if kind == "group":
         group_id = _id(message.get("groupId"))
         if group_id is None:
             raise MappingError("groupId is missing")
-        pairs = [("group_id", group_id), *unpack(_object(message, "traits"), "group_")]
-        props, dropped = build_properties(pairs)
+        dropped = add_property(props, "group_id", group_id)
+        dropped += add_properties(props, message.get("traits"), "group_")
         return Command(message_id, ids, props, timestamp, dropped_keys=dropped)
-    return _event(kind, message, message_id, ids, timestamp, settings)
+    event_type = _event_type(kind, message)
+    dropped = add_properties(props, message.get("properties"))
+    if kind in EVENT_TYPES:
+        for name in ("name", "category"):
+            if message.get(name) is not None:
+                dropped += add_property(props, f"{kind}_{name}", message[name])
+    dropped += add_context(props, message.get("context"), settings.context_names)
+    return Command(message_id, ids, props, timestamp, event_type, dropped)
 
 
-def _event(
-    kind: Any,
-    message: dict[str, Any],
-    message_id: str,
-    ids: dict[str, str],
-    timestamp: float,
-    settings: MappingSettings,
-) -> Command:
-    pairs: list[tuple[str, Any]] = list(unpack(_object(message, "properties")))
+def _event_type(kind: Any, message: dict[str, Any]) -> str:
     if kind == "track":
         event = message.get("event")
         if not isinstance(event, str) or not event.strip():
             raise MappingError("track has no event name")
-        event_type = event
-    elif kind in EVENT_TYPES:
-        event_type = EVENT_TYPES[kind]
-        for name in ("name", "category"):
-            if message.get(name) is not None:
-                pairs.append((f"{kind}_{name}", message[name]))
-    elif kind in SESSION_TYPES:
-        event_type = kind
-    else:
-        raise MappingError(f"unknown message type {kind!r}")
-    pairs.extend(context_pairs(message.get("context"), settings.context_fields))
-    props, dropped = build_properties(pairs)
-    return Command(message_id, ids, props, timestamp, event_type, dropped)
+        return event
+    if kind in EVENT_TYPES:
+        return EVENT_TYPES[kind]
+    if kind in SESSION_TYPES:
+        return str(kind)
+    raise MappingError(f"unknown message type {kind!r}")

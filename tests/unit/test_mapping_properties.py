@@ -90,3 +90,57 @@ def test_mapping_is_total_and_its_output_is_well_formed(message: dict[str, Any],
     assert all(isinstance(v, str) and v for v in command.ids.values())
     rendered = api_style(DestinationConfig(api=api, project_token="T")).render(command)
     assert orjson.loads(orjson.dumps(rendered)) == rendered
+
+
+def spec_properties(pairs: list[tuple[str, Any]]) -> tuple[dict[str, Any], int]:
+    """design.md section 4's property pipeline, written as plainly as possible: unpack one
+    level, `.`/`$` -> `_`, the first of colliding keys wins, the first MAX_PROPERTIES kept."""
+    unpacked: list[tuple[str, Any]] = []
+    for key, value in pairs:
+        if isinstance(value, dict):
+            unpacked.extend((f"{key}_{inner}", v) for inner, v in value.items())
+        else:
+            unpacked.append((key, value))
+    out: dict[str, Any] = {}
+    dropped = 0
+    for key, value in unpacked:
+        clean = key.replace(".", "_").replace("$", "_")
+        if clean in out:
+            continue
+        if len(out) == MAX_PROPERTIES:
+            dropped += 1
+            continue
+        out[clean] = value
+    return out, dropped
+
+
+@settings(max_examples=300, deadline=None)
+@given(objects, objects, st.sampled_from(["identify", "group", "track", "page"]))
+def test_properties_follow_the_pipeline_in_document_order(
+    traits: dict[str, Any], properties: dict[str, Any], kind: str
+) -> None:
+    context = {"ip": "203.0.113.7", "page": {"url": "https://x/", "path": "/"}, "userAgent": "ua"}
+    message = {
+        "type": kind,
+        "messageId": "m1",
+        "timestamp": "2024-03-01T12:00:00.000Z",
+        "userId": "u1",
+        "event": "Bought",
+        "groupId": "g1",
+        "name": "Home",
+        "traits": traits,
+        "properties": properties,
+        "context": context,
+    }
+    command = map_message(message, MappingSettings(context_fields=("userAgent", "page", "ip")))
+    assert command is not None
+    if kind == "identify":
+        pairs = list(traits.items())
+    elif kind == "group":
+        pairs = [("group_id", "g1"), *((f"group_{k}", v) for k, v in traits.items())]
+    else:
+        pairs = list(properties.items())
+        if kind == "page":
+            pairs.append(("page_name", "Home"))
+        pairs += [("user_agent", "ua"), ("page", context["page"]), ("ip", "203.0.113.7")]
+    assert (command.properties, command.dropped_keys) == spec_properties(pairs)
