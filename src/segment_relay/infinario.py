@@ -47,6 +47,10 @@ class CommandResult:
     errors: tuple[str, ...] = ()
 
 
+# Most commands are taken: one shared result, not one object per command.
+TAKEN = CommandResult(Outcome.OK)
+RETRY = CommandResult(Outcome.RETRY)
+
 @dataclass(frozen=True)
 class Request:
     """One HTTP request to the destination."""
@@ -138,7 +142,7 @@ class ApiStyle:
         classify_status(status, headers, body, now)
         results = _results(body)
         return [
-            self.result(results[i]) if i < len(results) else CommandResult(Outcome.RETRY)
+            self.result(results[i]) if i < len(results) else RETRY
             for i in range(count)
         ]
 
@@ -170,13 +174,13 @@ class LegacyApi(ApiStyle):
 
     def result(self, item: Any) -> CommandResult:
         if not isinstance(item, dict):
-            return CommandResult(Outcome.RETRY)
+            return RETRY
         status = str(item.get("status", "retry")).lower()
         if status in ("ok", "success"):
-            return CommandResult(Outcome.OK)
+            return TAKEN
         if status == "error":
             return CommandResult(Outcome.ERROR, _errors(item))
-        return CommandResult(Outcome.RETRY)
+        return RETRY
 
 
 class ExponeaApi(ApiStyle):
@@ -212,9 +216,9 @@ class ExponeaApi(ApiStyle):
 
     def result(self, item: Any) -> CommandResult:
         if not isinstance(item, dict) or "success" not in item:
-            return CommandResult(Outcome.RETRY)
+            return RETRY
         if item["success"] is True:
-            return CommandResult(Outcome.OK)
+            return TAKEN
         return CommandResult(Outcome.ERROR, _errors(item))
 
 
