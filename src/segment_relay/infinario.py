@@ -51,6 +51,7 @@ class CommandResult:
 TAKEN = CommandResult(Outcome.OK)
 RETRY = CommandResult(Outcome.RETRY)
 
+
 @dataclass(frozen=True)
 class Request:
     """One HTTP request to the destination."""
@@ -141,10 +142,7 @@ class ApiStyle:
         """One result per command, matched by position; a missing result counts as retry."""
         classify_status(status, headers, body, now)
         results = _results(body)
-        return [
-            self.result(results[i]) if i < len(results) else RETRY
-            for i in range(count)
-        ]
+        return [self.result(results[i]) if i < len(results) else RETRY for i in range(count)]
 
 
 class LegacyApi(ApiStyle):
