@@ -45,15 +45,18 @@ class SessionTimer:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick at every expiry until `stop` is set.
 
-        A session opened meanwhile wakes it, but it reads or writes nothing unless that
-        session expires before the deadline it waits for (a new session's expiry is now plus
-        the timeout, so that happens only when no session was open).
+        A session opened meanwhile wakes it only if it expires before the deadline it waits
+        for (a new session's expiry is now plus the timeout, so that happens only when no
+        session was open). While the timer ticks and reads its deadline, every session
+        opened wakes it: the read may not see them.
         """
         changed = self.store.sessions_changed
         while not stop.is_set():
+            self.store.watch_expiry(None)
             await self.tick()
             deadline = await self.store.next_session_expiry()
             while not stop.is_set():
+                self.store.watch_expiry(deadline)
                 timeout = (
                     self.poll_s
                     if deadline is None

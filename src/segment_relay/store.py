@@ -152,10 +152,12 @@ class Store:
         self._closing = False
         # Set after every commit that stored something: the forwarder waits on it.
         self.new_work = asyncio.Event()
-        # Set when a session opens, with the earliest expiry among those opened since the
-        # session timer last took it: the timer moves its deadline only if that is earlier.
+        # Set when a session opens that expires before the session timer's deadline
+        # (`watch_expiry`), with the earliest such expiry since the timer last took it. A new
+        # session expires a timeout from now: after that deadline if another one is open.
         self.sessions_changed = asyncio.Event()
         self._opened_expiry: float | None = None
+        self._watched_expiry: float | None = None
         # Why the latest commit failed for lack of room (None once one succeeds): /ready.
         self.full_error: str | None = None
         self.sessions_started = 0
@@ -318,7 +320,8 @@ class Store:
         self._pending_count += sum(counts) + session_rows
         self.sessions_started += started
         self.sessions_ended += session_rows - started
-        if started and earliest is not None:
+        watched = self._watched_expiry
+        if started and earliest is not None and (watched is None or earliest < watched):
             if self._opened_expiry is None or earliest < self._opened_expiry:
                 self._opened_expiry = earliest
             self.sessions_changed.set()
@@ -450,6 +453,11 @@ class Store:
         """Open sessions and the earliest wall-clock expiry among them."""
         count, earliest = await self._one("session_stats")
         return int(count), None if earliest is None else float(earliest)
+
+    def watch_expiry(self, deadline: float | None) -> None:
+        """Set `sessions_changed` only for sessions that expire before `deadline` (None: for
+        every session opened)."""
+        self._watched_expiry = deadline
 
     def take_opened_expiry(self) -> float | None:
         """The earliest expiry among sessions opened since the last call (None: none opened)."""

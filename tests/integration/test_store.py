@@ -229,3 +229,24 @@ async def test_message_ids_past_the_window_are_forgotten(queue_path: Path) -> No
         assert await store.enqueue([msg(1, at=1150.0), msg(2, at=1150.0)]) == 1
     finally:
         await store.close()
+
+
+async def test_only_a_session_expiring_before_the_timers_deadline_wakes_it(
+    queue_path: Path,
+) -> None:
+    store = await Store.open(queue_path, sessions=SessionRules.of(60, ["page"]))
+    try:
+        store.watch_expiry(1065.0)
+        await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)])  # expires 1060
+        assert store.sessions_changed.is_set()
+        assert store.take_opened_expiry() == 1060.0
+        store.sessions_changed.clear()
+        await store.enqueue([page(2, "b", "2024-03-01T12:00:00Z", 1010.0)])  # expires 1070
+        assert not store.sessions_changed.is_set()
+        assert store.take_opened_expiry() is None
+        store.watch_expiry(None)  # the timer has no deadline: every session opened wakes it
+        await store.enqueue([page(3, "c", "2024-03-01T12:00:00Z", 1020.0)])
+        assert store.sessions_changed.is_set()
+        assert store.take_opened_expiry() == 1080.0
+    finally:
+        await store.close()
