@@ -14,6 +14,7 @@ before and after the relay and their mean is the reference (this host drifts).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -50,26 +51,37 @@ def row(name: str, result: WrkResult, events: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="relay runs per load, each between two baseline runs (the host drifts)")
     parser.add_argument("--rate", type=float, default=None, help="destination.max_requests_per_second (default: the relay's, 80)")
     args = parser.parse_args()
     print(f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
-          f"forwarding at {args.rate or 'the default'} requests/s")
+          f"forwarding at {args.rate or 'the default'} requests/s; {args.rounds} round(s)")
     print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
     for name, body, path, events, mode in [
         ("single calls", SINGLE, "/v1/track", 1, "parse"),
         ("100-message batches", BATCH, "/v1/batch", 100, "durable"),
     ]:
+        ratios: list[float] = []
+        p99s: list[float] = []
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             before = baseline(mode, tmp, body, path, args.seconds)
-            with fake_api() as api, relay(relay_config(tmp, api.url, rate=args.rate)) as daemon:
-                ours = wrk(daemon.url + path, body, seconds=args.seconds)
-            after = baseline(mode, tmp, body, path, args.seconds)
-        reference = (before.ok_per_s(events) + after.ok_per_s(events)) / 2
-        print(row(f"{name}: baseline ({mode}) before", before, events))
-        print(row(f"{name}: relay", ours, events))
-        print(row(f"{name}: baseline ({mode}) after", after, events))
-        print(f"{name}: relay / baseline = {ours.ok_per_s(events) / reference:.2f}x, relay p99 {ours.p99_ms:.1f} ms")
+            print(row(f"{name}: baseline ({mode})", before, events))
+            for n in range(args.rounds):
+                (tmp / f"relay{n}").mkdir()  # a fresh queue each round
+                with fake_api() as api, relay(relay_config(tmp / f"relay{n}", api.url, rate=args.rate)) as daemon:
+                    ours = wrk(daemon.url + path, body, seconds=args.seconds)
+                after = baseline(mode, tmp, body, path, args.seconds)
+                # Each relay run against the mean of the baseline runs just before and after it.
+                reference = (before.ok_per_s(events) + after.ok_per_s(events)) / 2
+                ratios.append(ours.ok_per_s(events) / reference)
+                p99s.append(ours.p99_ms)
+                print(row(f"{name}: relay", ours, events) + f"   {ratios[-1]:.2f}x")
+                print(row(f"{name}: baseline ({mode})", after, events))
+                before = after
+        rounds = ", ".join(f"{r:.2f}x" for r in ratios)
+        print(f"{name}: relay / baseline = {statistics.median(ratios):.2f}x (median; rounds {rounds}), "
+              f"relay p99 {statistics.median(p99s):.1f} ms (median)")
 
 
 if __name__ == "__main__":
