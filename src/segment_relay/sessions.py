@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 from .segment import format_time, parse_time
 
+_ID_FIELDS = ("userId", "anonymousId")
+
 
 class SessionState(NamedTuple):
     """An open session: event times in Unix seconds, `expires_at` on the wall clock.
@@ -103,7 +105,11 @@ class SessionRules:
         event_time = parse_time(message.get("timestamp"))
         if event_time is None or not user_key:
             return None
-        ids = {k: message[k] for k in ("userId", "anonymousId") if message.get(k) not in (None, "")}
+        ids = {}
+        for name in _ID_FIELDS:  # a loop, not a comprehension: this runs for every page call
+            value = message.get(name)
+            if value is not None and value != "":
+                ids[name] = value
         context = message.get("context")
         return Activity(
             user_key,
@@ -136,13 +142,17 @@ class SessionRules:
             ], opened
         if activity.event_time < session.started_at - timeout:
             return [], session
+        event_time = activity.event_time
+        ids = session.ids
+        if not activity.ids.items() <= ids.items():  # ids are strings or numbers (validated)
+            ids = {**ids, **activity.ids}  # a login during the session adds the userId
         extended = SessionState(
             session.user_key,
             session.source,
-            min(session.started_at, activity.event_time),
-            max(session.last_activity, activity.event_time),
-            max(session.expires_at, expires_at),
-            {**session.ids, **activity.ids},
+            event_time if event_time < session.started_at else session.started_at,
+            event_time if event_time > session.last_activity else session.last_activity,
+            expires_at if expires_at > session.expires_at else session.expires_at,
+            ids,
             session.context,
         )
         return [], extended
