@@ -1,14 +1,15 @@
 """Ingest benchmark (issue 3): the relay against two bare baselines, in the same run.
 
-  .venv/bin/python bench/ingest.py [--seconds 10] [--rate N]
+  .venv/bin/python bench/ingest.py [--seconds 10] [--rounds 1] [--rate N]
 
 64 connections from wrk (one thread) to 127.0.0.1. For single calls the baseline is a bare
 aiohttp handler that parses the JSON and answers 200; for 100-message batches a bare durable
 handler that writes each message as a row in one SQLite transaction (WAL, synchronous=FULL).
 The relay runs as the real daemon as shipped (synchronous: full), forwarding to the fake API at
 the destination's default rate limit (80 requests/s); `--rate N` lifts that limit, so that the
-forwarder competes with the receiver for the event loop at full speed. Each baseline runs
-before and after the relay and their mean is the reference (this host drifts).
+forwarder competes with the receiver for the event loop at full speed. Each relay run (one per
+round, each on a fresh queue) is measured against the mean of the baseline runs just before and
+after it, and the median of the rounds is reported with every round's ratio (this host drifts).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ command in the configured API style.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -58,7 +57,6 @@ class Command(NamedTuple):
     dropped_keys: int = 0
 
 
-@functools.lru_cache(maxsize=256)
 def snake(name: str) -> str:
     """`userAgent` -> `user_agent`; names already in snake case are unchanged."""
     return _CAMEL.sub(r"_\1", name).lower()
@@ -97,7 +95,7 @@ def add_properties(out: dict[str, Any], values: Any, prefix: str = "") -> int:
     dropped = 0
     if isinstance(values, dict):
         for key, value in values.items():
-            dropped += add_property(out, prefix + key if prefix else key, value)
+            dropped += add_property(out, prefix + key, value)
     return dropped
 
 
