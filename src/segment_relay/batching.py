@@ -93,9 +93,10 @@ class Coverage:
         """Something may have made a message up to `seq` due (a retry's time came)."""
         self.seq, self.users = 0, set()
 
-    def stale(self, read: DueRead, after: int) -> bool:
-        """Whether `read` (started at `after`) may have stepped over messages that came back:
-        dead letters replayed (by the CLI, another process) under their old seqs."""
+    def note_replays(self, read: DueRead, after: int) -> bool:
+        """Take in `read`'s replay count; return whether the read (started at `after`) may have
+        stepped over messages that came back: dead letters replayed (by the CLI, another
+        process) under their old seqs. A changed count also forgets what earlier reads showed."""
         replayed, self.replayed = self.replayed, read.replayed
         if replayed is None or replayed == read.replayed:
             return False

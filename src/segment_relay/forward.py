@@ -246,7 +246,7 @@ class Forwarder:
             self._full_read_at = tick + IDLE_POLL_S
         after = self._coverage.after(busy)
         read = await self.store.read_due(now, busy, limit, after)
-        if self._coverage.stale(read, after):
+        if self._coverage.note_replays(read, after):
             after = 0
             read = await self.store.read_due(now, busy, limit)
         self._coverage.update(read, after, busy, limit)

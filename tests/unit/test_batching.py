@@ -88,17 +88,17 @@ def test_coverage_a_read_of_the_whole_queue_replaces_what_was_known() -> None:
 
 def test_coverage_a_replay_or_a_retry_coming_due_starts_over() -> None:
     coverage = Coverage(seq=500, users={"a"}, replayed=3)
-    assert not coverage.stale(DueRead([], 900, replayed=3), 500)
+    assert not coverage.note_replays(DueRead([], 900, replayed=3), 500)
     # Dead letters went back under old seqs: a read that skipped up to 500 may have missed
     # them, one that started at 0 did not.
-    assert coverage.stale(DueRead([], 900, replayed=4), 500)
+    assert coverage.note_replays(DueRead([], 900, replayed=4), 500)
     assert (coverage.seq, coverage.users, coverage.after({"a"})) == (0, set(), 0)
     coverage.update(DueRead([], 900, replayed=4), 0, {"a"}, 8)
     assert coverage.after({"a"}) == 900
     # A read from the start is whole, but what was known before it no longer holds: a
     # replayed message may lie beyond the rows it returned.
     full = DueRead([row(i, "b") for i in range(1, 9)], looked=8, replayed=5)
-    assert not coverage.stale(full, 0)
+    assert not coverage.note_replays(full, 0)
     coverage.update(full, 0, {"a"}, 8)
     assert (coverage.seq, coverage.users) == (8, {"a", "b"})
     coverage.forget()
