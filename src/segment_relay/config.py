@@ -259,6 +259,7 @@ class SessionsConfig:
     enabled: bool = _opt(_bool, True)
     idle_timeout_s: float = _opt(_duration(1, 7 * 86400), 1800.0, "idle_timeout")
     event_types: tuple[str, ...] = _opt(_str_list(nonempty=True), ("page", "screen"))
+    cache_size: int = _opt(_int(0, 10_000_000), 10_000)
 
 
 def _networks(value: Any, key: str) -> tuple[str, ...]:

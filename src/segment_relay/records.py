@@ -53,6 +53,19 @@ class NewMessage(NamedTuple):
             received_at,
         )
 
+    @staticmethod
+    def without_repeats(rows: list[NewMessage]) -> list[NewMessage]:
+        """`rows` with repeats of a (source, messageId) left out (the store's insert statements
+        do not see the dedup rows that their own trigger writes)."""
+        seen: set[tuple[str, str]] = set()
+        unique = []
+        for m in rows:
+            key = (m.source, m.message_id)
+            if key not in seen:
+                seen.add(key)
+                unique.append(m)
+        return unique
+
 
 class QueuedMessage(NamedTuple):
     """A message row in the queue."""

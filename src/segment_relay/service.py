@@ -110,6 +110,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         max_pending=q.max_pending,
         max_size=q.max_size,
         sessions=SessionRules.of(s.idle_timeout_s, s.event_types) if s.enabled else None,
+        session_cache=s.cache_size,
     )
     app[RECEIVER].store = app[STORE]
     log.info(

@@ -50,13 +50,13 @@ class SessionTimer:
         session was open). While the timer ticks and reads its deadline, every session
         opened wakes it: the read may not see them.
         """
-        changed = self.store.sessions_changed
+        changed = self.store.expiry.changed
         while not stop.is_set():
-            self.store.watch_expiry(None)
+            self.store.expiry.watch(None)
             await self.tick()
             deadline = await self.store.next_session_expiry()
             while not stop.is_set():
-                self.store.watch_expiry(deadline)
+                self.store.expiry.watch(deadline)
                 timeout = (
                     self.poll_s
                     if deadline is None
@@ -65,6 +65,6 @@ class SessionTimer:
                 if not await first_set(stop, changed, timeout_s=timeout):
                     break  # the deadline (or the poll interval) came: tick
                 changed.clear()
-                opened = self.store.take_opened_expiry()
+                opened = self.store.expiry.take_opened()
                 if opened is not None and (deadline is None or opened < deadline):
                     deadline = opened

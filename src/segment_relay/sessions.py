@@ -8,9 +8,11 @@ the transaction that stores the calls, so a crash can neither lose nor repeat a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import orjson
 
 from .segment import format_time, parse_time
 
@@ -34,6 +36,20 @@ class SessionState(NamedTuple):
     ids: dict[str, Any]
     # The context of the call that opened the session, copied onto both session events.
     context: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> SessionState:
+        """A row of the sessions table: ids and context as JSON (or already parsed)."""
+        ids, context = row[5], row[6]
+        return cls(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            ids if isinstance(ids, dict) else orjson.loads(ids),
+            context if context is None or isinstance(context, dict) else orjson.loads(context),
+        )
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ forwarder reads due rows in acceptance order and acks, reschedules or dead-lette
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -23,8 +21,9 @@ import aiosqlite
 import orjson
 
 from .errors import StoreError, StoreFullError
+from .lockfile import LockFile
 from .records import DeadLetter, DueRead, Failure, NewMessage, QueuedMessage, QueueStats
-from .session_rows import Expansion, expand, session_activities
+from .session_rows import Expansion, ExpiryWatch, SessionCache, expand, session_activities
 from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
@@ -39,53 +38,13 @@ def _load_queries() -> dict[str, str]:
 
 
 Q = _load_queries()
+# How the statement `commit_sessions` says that it refused a commit (see session_commit).
+_REFUSED = "segment-relay: "
 
 
 def _is_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
-
-
-def _session_from_row(row: Sequence[Any]) -> SessionState:
-    return SessionState(
-        user_key=row[0],
-        source=row[1],
-        started_at=row[2],
-        last_activity=row[3],
-        expires_at=row[4],
-        ids=row[5] if isinstance(row[5], dict) else orjson.loads(row[5]),
-        context=row[6] if row[6] is None or isinstance(row[6], dict) else orjson.loads(row[6]),
-    )
-
-
-class _LockFile:
-    """An exclusive lock beside the database, so a second daemon refuses to share it."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.path = db_path.with_name(db_path.name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write to the queue's directory {self.path.parent} ({exc.strerror}): "
-                "it is read-only or not this user's; the queue needs it writable"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"the queue {self.path.with_suffix('')} is in use by another segment-relay process"
-            ) from None
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 async def _connect(
@@ -123,6 +82,30 @@ async def _connect(
     return conn, int(pending)
 
 
+def _insert(raw: sqlite3.Connection, rows: list[NewMessage], array: str) -> tuple[int, int]:
+    """Insert `rows` (`array`, see insert_messages) on the SQLite thread. Returns how many
+    were inserted (the others were repeats) and, when some were repeats, the last seq."""
+    inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
+    last = 0
+    if inserted < len(rows):
+        [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
+    return inserted, int(last)
+
+
+def _transaction(raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `fn` as one transaction on `raw` (the SQLite thread): committed, or rolled back if
+    it raises."""
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(raw)
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
+    return result
+
+
 class Store:
     """The durable queue. Open with `await Store.open(...)`, close with `await store.close()`."""
 
@@ -130,12 +113,13 @@ class Store:
         self,
         conn: aiosqlite.Connection,
         reader: aiosqlite.Connection,
-        lock: _LockFile | None,
+        lock: LockFile | None,
         *,
         dedup_window_s: float,
         max_pending: int,
         pending: int,
         sessions: SessionRules | None = None,
+        session_cache: int = 0,
     ) -> None:
         # Two connections, each with its own thread: writes on one; the forwarder's and the
         # operator's reads on the other, so they never wait behind a commit (WAL lets both run).
@@ -143,6 +127,7 @@ class Store:
         self._reader = reader
         self._lock = lock
         self._rules = sessions
+        self._cache = SessionCache(session_cache)
         self._dedup_window_s = dedup_window_s
         self._max_pending = max_pending
         self._pending_count = pending
@@ -152,12 +137,8 @@ class Store:
         self._closing = False
         # Set after every commit that stored something: the forwarder waits on it.
         self.new_work = asyncio.Event()
-        # Set when a session opens that expires before the session timer's deadline
-        # (`watch_expiry`), with the earliest such expiry since the timer last took it. A new
-        # session expires a timeout from now: after that deadline if another one is open.
-        self.sessions_changed = asyncio.Event()
-        self._opened_expiry: float | None = None
-        self._watched_expiry: float | None = None
+        # Wakes the session timer for a session that expires before its deadline.
+        self.expiry = ExpiryWatch()
         # Why the latest commit failed for lack of room (None once one succeeds): /ready.
         self.full_error: str | None = None
         self.sessions_started = 0
@@ -175,9 +156,12 @@ class Store:
         max_pending: int = 10_000_000,
         exclusive: bool = True,
         sessions: SessionRules | None = None,
+        session_cache: int = 10_000,
         max_size: int = 0,
     ) -> Store:
         """Open (creating it and its directory when missing) the queue at `path`.
+
+        `session_cache`: how many sessions to hold on the event loop (see SessionCache).
 
         `exclusive` takes the daemon's lock: a second process that asks for it gets StoreError.
         `max_size` caps the file (bytes); past it commits fail as a full disk would.
@@ -190,7 +174,7 @@ class Store:
             raise StoreError(
                 f"cannot create the queue directory {db_path.parent}: {exc.strerror}"
             ) from exc
-        lock = _LockFile(db_path) if exclusive else None
+        lock = LockFile(db_path) if exclusive else None
         if lock:
             lock.acquire()
         try:
@@ -209,6 +193,7 @@ class Store:
             max_pending=max_pending,
             pending=pending,
             sessions=sessions,
+            session_cache=session_cache,
         )
         store._committer = asyncio.create_task(store._commit_loop(), name="store-group-commit")
         return store
@@ -229,11 +214,12 @@ class Store:
                 self._lock.release()
 
     async def _write(
-        self, fn: Callable[[sqlite3.Connection], T], *, one_statement: bool = False
+        self, fn: Callable[[sqlite3.Connection], T], *, own_transaction: bool = False
     ) -> T:
         """Run `fn` as one transaction in the SQLite thread, committed or rolled back there.
 
-        `one_statement`: `fn` writes with a single statement, which commits by itself.
+        `own_transaction`: `fn` commits its writes itself (a single statement commits by
+        itself, or it calls `_transaction`).
 
         One hop per transaction (design.md section 8): under load each hop waits for a turn of
         the event loop, so a transaction of several awaited statements costs several turns.
@@ -243,17 +229,7 @@ class Store:
 
         def run() -> T:
             raw: sqlite3.Connection = self._conn._conn  # noqa: SLF001 - used only on its own thread
-            if one_statement:
-                return fn(raw)
-            raw.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(raw)
-                raw.execute("COMMIT")
-            except BaseException:
-                if raw.in_transaction:
-                    raw.execute("ROLLBACK")
-                raise
-            return result
+            return fn(raw) if own_transaction else _transaction(raw, fn)
 
         return await self._conn._execute(run)  # type: ignore[no-untyped-call,no-any-return]  # noqa: SLF001
 
@@ -296,8 +272,7 @@ class Store:
 
     async def _commit_groups(self, groups: list[Group]) -> None:
         try:
-            # Sessions are read, advanced and written inside the commit's transaction on the
-            # SQLite thread (the timer's expiry too), which runs one transaction at a time.
+            # The sessions are written with the messages, in one transaction (see `_commit`).
             counts, session_rows, started, earliest = await self._commit(groups)
         except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
             error = (
@@ -320,47 +295,39 @@ class Store:
         self._pending_count += sum(counts) + session_rows
         self.sessions_started += started
         self.sessions_ended += session_rows - started
-        watched = self._watched_expiry
-        if started and earliest is not None and (watched is None or earliest < watched):
-            if self._opened_expiry is None or earliest < self._opened_expiry:
-                self._opened_expiry = earliest
-            self.sessions_changed.set()
+        if started and earliest is not None:
+            self.expiry.opened(earliest)
         if sum(counts) or session_rows:
             self.new_work.set()
 
     async def _commit(self, groups: list[Group]) -> tuple[list[int], int, int, float | None]:
         """Store the groups' messages with the session events they cause, in one transaction.
 
-        Without session activity it is one statement. With it, the sessions are read, advanced
-        by the (pure) rules and written in one function on the SQLite thread: one hop, since
-        under load each hop waits for a turn of the busy event loop, and the read sees exactly
-        what the write replaces.
+        Without session activity it is one statement. With it, see `_session_write`. Either
+        way it is one hop to the SQLite thread: under load each hop waits for a turn of the
+        busy event loop.
         Returns each request's count of new messages, the session rows, the sessions started
         and the earliest expiry among the sessions written.
         """
-        activities = session_activities(self._rules, [m for ms, _ in groups for m in ms])
-        plain = Expansion([(ms, 0) for ms, _ in groups], [], 0)
-        # Without session activity the rows are ready here, so the SQLite thread only runs
-        # the statement and never waits for Python's lock in the middle.
-        prepared = None if activities else self._insertion(plain)
-
-        def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
-            if prepared is not None:
-                expansion, (rows, array) = plain, prepared
-            else:
-                assert self._rules is not None  # there is session activity
-                inputs = self._session_inputs(raw, groups, activities)
-                expansion = expand(self._rules, [ms for ms, _ in groups], activities, *inputs)
-                rows, array = self._insertion(expansion)
-                if expansion.saved:
-                    raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved).decode(),))
-            inserted = max(raw.execute(Q["insert_messages"], (array,)).rowcount, 0) if rows else 0
-            last = 0
-            if inserted < len(rows):
-                [(last,)] = raw.execute("SELECT last_insert_rowid()").fetchall()
-            return expansion, rows, inserted, int(last)
-
-        expansion, rows, inserted, last = await self._write(write, one_statement=not activities)
+        batches = [ms for ms, _ in groups]
+        activities = session_activities(self._rules, [m for ms in batches for m in ms])
+        if activities:
+            try:
+                expansion, rows, inserted, last = await self._write(
+                    self._session_write(batches, activities), own_transaction=True
+                )
+            except BaseException:
+                self._cache.clear()  # what SQLite holds now is not known here
+                raise
+            self._cache.written(expansion.changed)
+        else:
+            expansion = Expansion([(ms, 0) for ms in batches], [], 0)
+            # The rows are ready here, so the SQLite thread only runs the statement and never
+            # waits for Python's lock in the middle.
+            rows, array = self._insertion(expansion)
+            inserted, last = await self._write(
+                lambda raw: _insert(raw, rows, array), own_transaction=True
+            )
         session_rows = sum(n for _, n in expansion.groups)
         stored = {id(m) for m in rows}
         if inserted < len(rows):
@@ -371,31 +338,67 @@ class Store:
             )
             new = {(str(r[0]), str(r[1])) for r in found}
             stored = {id(m) for m in rows if (m.source, m.message_id) in new}
-        counts = [sum(id(m) in stored for m in messages) for messages, _ in groups]
-        earliest = min((s[4] for s in expansion.saved), default=None)
+        counts = [sum(id(m) in stored for m in messages) for messages in batches]
+        earliest = min((s.expires_at for s in expansion.changed), default=None)
         return counts, session_rows, expansion.started, earliest
+
+    def _session_write(
+        self, batches: list[list[NewMessage]], activities: dict[int, Activity]
+    ) -> Callable[[sqlite3.Connection], tuple[Expansion, list[NewMessage], int, int]]:
+        """The SQLite thread's part of a commit with session activity.
+
+        The rules run here, on the event loop, on the sessions the cache holds (a user it
+        does not hold is taken to have none), and the SQLite thread runs one statement. That
+        statement refuses the commit if a session is not as assumed or a messageId is a
+        repeat (see `session_commit` in schema.sql); the sessions and repeats are then read
+        in a transaction on that thread and the rules run again there, on what was read.
+        """
+        rules = self._rules
+        assert rules is not None  # there is session activity
+
+        def read_and_write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
+            seen, states = self._session_inputs(raw, batches, activities)
+            expansion = expand(rules, batches, activities, seen, states)
+            rows, array = self._insertion(expansion)
+            if expansion.changed:
+                raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved()).decode(),))
+            return (expansion, rows, *_insert(raw, rows, array))
+
+        if not self._cache.capacity:
+            return lambda raw: _transaction(raw, read_and_write)
+        users = {a.user_key for a in activities.values()}
+        states = self._cache.assumed(users)
+        assumed = [
+            [u, s.started_at, s.last_activity, s.expires_at] if (s := states.get(u)) else [u]
+            for u in users
+        ]
+        guess = expand(rules, batches, activities, set(), states)
+        rows, array = self._insertion(guess)
+        params = (
+            orjson.dumps(assumed).decode(),
+            orjson.dumps(guess.saved()).decode(),
+            array,
+        )
+
+        def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
+            try:
+                raw.execute(Q["commit_sessions"], params)
+            except sqlite3.IntegrityError as exc:
+                if not str(exc).startswith(_REFUSED):
+                    raise
+                return _transaction(raw, read_and_write)
+            return guess, rows, len(rows), 0
+
+        return write
 
     def _insertion(self, expansion: Expansion) -> tuple[list[NewMessage], str]:
         """The expansion's rows without repeats, and those as the insert_messages array."""
-        rows = self._unique([m for group_rows, _ in expansion.groups for m in group_rows])
+        rows = NewMessage.without_repeats([m for ms, _ in expansion.groups for m in ms])
         return rows, self._array(rows)
 
     def _array(self, rows: list[NewMessage]) -> str:
         """`rows` as the JSON array the insert_messages statement takes."""
         return orjson.dumps([m.row(self._dedup_window_s) for m in rows]).decode()
-
-    @staticmethod
-    def _unique(rows: list[NewMessage]) -> list[NewMessage]:
-        """Repeats of a (source, messageId) within one commit left out (the statement does not
-        see the dedup rows its own trigger writes)."""
-        seen: set[tuple[str, str]] = set()
-        unique = []
-        for m in rows:
-            key = (m.source, m.message_id)
-            if key not in seen:
-                seen.add(key)
-                unique.append(m)
-        return unique
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -405,7 +408,10 @@ class Store:
         return self._rules
 
     def _session_inputs(
-        self, raw: sqlite3.Connection, groups: list[Group], activities: dict[int, Activity]
+        self,
+        raw: sqlite3.Connection,
+        batches: list[list[NewMessage]],
+        activities: dict[int, Activity],
     ) -> tuple[set[tuple[str, str]], dict[str, SessionState]]:
         """What the session rules need, in one statement on the writer's connection: which of
         the active messages were already accepted within the dedup window (source,
@@ -416,7 +422,7 @@ class Store:
         on both sides of the SQLite thread's hop).
         """
         active = [
-            m for messages, _ in groups for m in messages if id(m) in activities and not m.fresh_id
+            m for messages in batches for m in messages if id(m) in activities and not m.fresh_id
         ]
         pairs = orjson.dumps([[m.source, m.message_id] for m in active]).decode()
         since = min((m.received_at for m in active), default=0.0) - self._dedup_window_s
@@ -425,7 +431,7 @@ class Store:
             Q["session_inputs"], {"pairs": pairs, "since": since, "users": users}
         ).fetchall()
         seen = {(str(r[0]), str(r[1])) for r in orjson.loads(accepted)}
-        return seen, {r[0]: _session_from_row(r) for r in orjson.loads(sessions)}
+        return seen, {r[0]: SessionState.from_row(r) for r in orjson.loads(sessions)}
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
         """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.
@@ -433,16 +439,18 @@ class Store:
         Their session_end events are enqueued in the same transaction that deletes them.
         """
 
-        def expire(raw: sqlite3.Connection) -> int:
+        def expire(raw: sqlite3.Connection) -> list[str]:
             found = raw.execute(Q["expired_sessions"], (now, limit)).fetchall()
-            due = [_session_from_row(r) for r in found]
+            due = [SessionState.from_row(r) for r in found]
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
             if rows:
                 raw.execute(Q["insert_messages"], (self._array(rows),))
             raw.executemany(Q["delete_session"], [(s.user_key,) for s in due])
-            return len(due)
+            return [s.user_key for s in due]
 
-        closed = await self._write(expire)
+        users = await self._write(expire)
+        self._cache.forget(users)
+        closed = len(users)
         self.sessions_ended += closed
         if closed:
             self._pending_count += closed
@@ -453,16 +461,6 @@ class Store:
         """Open sessions and the earliest wall-clock expiry among them."""
         count, earliest = await self._one("session_stats")
         return int(count), None if earliest is None else float(earliest)
-
-    def watch_expiry(self, deadline: float | None) -> None:
-        """Set `sessions_changed` only for sessions that expire before `deadline` (None: for
-        every session opened)."""
-        self._watched_expiry = deadline
-
-    def take_opened_expiry(self) -> float | None:
-        """The earliest expiry among sessions opened since the last call (None: none opened)."""
-        earliest, self._opened_expiry = self._opened_expiry, None
-        return earliest
 
     async def next_session_expiry(self) -> float | None:
         """The earliest wall-clock expiry of an open session, or None."""
@@ -527,7 +525,7 @@ class Store:
             now,
         )
         # One statement (the `settle` trigger does the rest): one step of SQLite, autocommit.
-        await self._write(lambda raw: raw.execute(Q["settle"], settlement), one_statement=True)
+        await self._write(lambda raw: raw.execute(Q["settle"], settlement), own_transaction=True)
         gone = len(acked_seqs) + len(dead_rows)
         self._pending_count -= gone
 

@@ -66,12 +66,18 @@ def check(received: list[dict[str, Any]], expected: list[dict[str, Any]], api: s
             assert got["properties"][key] == pytest.approx(value, abs=1e-6), key
 
 
+# With the session cache each commit's rules run on the event loop; without it, on the
+# sessions read in the commit's transaction.
+@pytest.mark.parametrize("cache_size", [10_000, 0], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("api", ["infinario", "exponea"])
 @pytest.mark.parametrize("sequence", SEQUENCES, ids=[s["name"] for s in SEQUENCES])
-async def test_sequence(sequence: dict[str, Any], api: str, tmp_path: Path) -> None:
+async def test_sequence(
+    sequence: dict[str, Any], api: str, cache_size: int, tmp_path: Path
+) -> None:
     clock = Clock()
+    timeout = sequence["idle_timeout_s"]
     config_extra = {
-        "sessions": {"enabled": True, "idle_timeout": sequence["idle_timeout_s"]},
+        "sessions": {"enabled": True, "idle_timeout": timeout, "cache_size": cache_size},
         "destination": {"api": api, "api_key": "KEY"},
     }
     async with running_fake(FakeInfinario(api_key="KEY")) as (fake, api_server):

@@ -220,6 +220,53 @@ async def test_sessions_are_written_with_the_calls_and_survive_a_restart(queue_p
         await store.close()
 
 
+async def test_a_session_the_timer_closes_meanwhile_is_not_written_back(
+    queue_path: Path,
+) -> None:
+    # The next commit's rules run on the event loop while the timer's expiry is already
+    # queued for the SQLite thread, on the session the cache still holds. The commit must
+    # not extend (and so reopen) the closed session: it opens a new one.
+    store = await Store.open(queue_path, sessions=SessionRules.of(60, ["page"]))
+    try:
+        await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)])
+        later = asyncio.create_task(store.enqueue([page(2, "a", "2024-03-01T12:00:30Z", 1070.0)]))
+        closed = asyncio.create_task(store.expire_sessions(1060.0))
+        assert await asyncio.wait_for(later, 10) == 1
+        assert await asyncio.wait_for(closed, 10) == 1
+        rows = await store.due(2000.0, (), 10)
+        kinds = ["session_start", "page", "session_end", "session_start", "page"]
+        assert [r.type for r in rows] == kinds
+        assert rows[3].message["timestamp"] == "2024-03-01T12:00:30.000Z"
+        assert await store.session_stats() == (1, 1130.0)
+    finally:
+        await store.close()
+
+
+async def test_a_user_whose_session_left_the_cache_is_read_from_the_database(
+    queue_path: Path,
+) -> None:
+    store = await Store.open(queue_path, sessions=SessionRules.of(60, ["page"]), session_cache=1)
+    try:
+        await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)])
+        await store.enqueue([page(2, "b", "2024-03-01T12:00:00Z", 1001.0)])  # a leaves the cache
+        await store.enqueue([page(3, "a", "2024-03-01T12:00:10Z", 1010.0)])
+        rows = await store.due(2000.0, (), 10)
+        assert [(r.type, r.user_key) for r in rows] == [
+            ("session_start", "a"),
+            ("page", "a"),
+            ("session_start", "b"),
+            ("page", "b"),
+            ("page", "a"),
+        ]
+        assert await store.expire_sessions(1070.0) == 2
+        ends = {
+            r.user_key: r.message for r in await store.due(2000.0, (), 10) if r.seq > rows[-1].seq
+        }
+        assert ends["a"]["properties"] == {"duration": 10.0}
+    finally:
+        await store.close()
+
+
 async def test_message_ids_past_the_window_are_forgotten(queue_path: Path) -> None:
     store = await Store.open(queue_path, dedup_window_s=100.0)
     try:
@@ -236,17 +283,17 @@ async def test_only_a_session_expiring_before_the_timers_deadline_wakes_it(
 ) -> None:
     store = await Store.open(queue_path, sessions=SessionRules.of(60, ["page"]))
     try:
-        store.watch_expiry(1065.0)
+        store.expiry.watch(1065.0)
         await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)])  # expires 1060
-        assert store.sessions_changed.is_set()
-        assert store.take_opened_expiry() == 1060.0
-        store.sessions_changed.clear()
+        assert store.expiry.changed.is_set()
+        assert store.expiry.take_opened() == 1060.0
+        store.expiry.changed.clear()
         await store.enqueue([page(2, "b", "2024-03-01T12:00:00Z", 1010.0)])  # expires 1070
-        assert not store.sessions_changed.is_set()
-        assert store.take_opened_expiry() is None
-        store.watch_expiry(None)  # the timer has no deadline: every session opened wakes it
+        assert not store.expiry.changed.is_set()
+        assert store.expiry.take_opened() is None
+        store.expiry.watch(None)  # the timer has no deadline: every session opened wakes it
         await store.enqueue([page(3, "c", "2024-03-01T12:00:00Z", 1020.0)])
-        assert store.sessions_changed.is_set()
-        assert store.take_opened_expiry() == 1080.0
+        assert store.expiry.changed.is_set()
+        assert store.expiry.take_opened() == 1080.0
     finally:
         await store.close()

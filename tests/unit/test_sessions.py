@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from segment_relay.sessions import Activity, SessionEvent, SessionRules
+from segment_relay.session_rows import SessionCache
+from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState
 
 RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])
 
@@ -73,3 +74,27 @@ def test_session_end_carries_the_ids_known_at_the_end_and_the_start_context() ->
     assert end["timestamp"] == "1970-01-01T00:17:40.000Z"
     assert end["context"] == {"ip": "1.2.3.4"}
     assert end["properties"] == {"duration": 60.0}
+
+
+def state(user: str, t: float) -> SessionState:
+    return SessionState(user, "web", t, t, t + 1800, {"anonymousId": user}, None)
+
+
+def test_the_session_cache_keeps_the_most_recently_written_up_to_its_capacity() -> None:
+    cache = SessionCache(2)
+    cache.written([state("a", 1.0), state("b", 2.0)])
+    cache.written([state("a", 3.0)])  # a is now the most recent
+    cache.written([state("c", 4.0)])
+    assert len(cache) == 2
+    assert cache.assumed(["a", "b", "c"]) == {"a": state("a", 3.0), "c": state("c", 4.0)}
+    cache.forget(["a", "x"])
+    assert cache.assumed(["a", "c"]) == {"c": state("c", 4.0)}
+
+
+def test_the_rules_may_change_what_the_cache_assumed_without_changing_the_cache() -> None:
+    cache = SessionCache(10)
+    cache.written([state("a", 1.0)])
+    assumed = cache.assumed(["a"])
+    assumed["a"] = state("a", 2.0)
+    assumed["b"] = state("b", 2.0)
+    assert cache.assumed(["a", "b"]) == {"a": state("a", 1.0)}

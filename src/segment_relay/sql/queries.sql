@@ -142,3 +142,7 @@ DELETE FROM dead_letters WHERE id = ?;
 
 -- name: purge_dead_letters
 DELETE FROM dead_letters WHERE last_attempt_at < ?;
+
+-- name: commit_sessions
+-- See the trigger `session_commit` in schema.sql.
+INSERT INTO session_commits (assumed, sessions, messages) VALUES (?, ?, ?);

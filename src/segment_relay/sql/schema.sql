@@ -117,3 +117,41 @@ BEGIN
     SELECT key, value FROM json_each(NEW.counters) WHERE true
     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
 END;
+
+-- A group commit with session activity whose sessions the event loop already knows (see
+-- SessionCache), written by one statement: one step of SQLite, autocommit, no Python on the
+-- SQLite thread between its reads and writes. Each column is a JSON array:
+-- assumed [[user_key, started_at, last_activity, expires_at]] is what the rules were given for
+-- each user with activity ([user_key] alone: no session); sessions and messages are as for
+-- save_sessions and insert_messages. The commit is refused as a whole (nothing is written)
+-- when a user's session is not as assumed, or when a message's messageId was accepted before
+-- within the dedup window; the store then applies it by reading those in its transaction.
+CREATE VIEW IF NOT EXISTS session_commits (assumed, sessions, messages) AS
+SELECT NULL, NULL, NULL WHERE 0;
+
+CREATE TRIGGER IF NOT EXISTS session_commit INSTEAD OF INSERT ON session_commits
+BEGIN
+    SELECT RAISE(ABORT, 'segment-relay: sessions not as assumed') WHERE EXISTS (
+        SELECT 1 FROM json_each(NEW.assumed) AS a
+        LEFT JOIN sessions AS s ON s.user_key = json_extract(a.value, '$[0]')
+        WHERE s.started_at IS NOT json_extract(a.value, '$[1]')
+           OR s.last_activity IS NOT json_extract(a.value, '$[2]')
+           OR s.expires_at IS NOT json_extract(a.value, '$[3]'));
+    SELECT RAISE(ABORT, 'segment-relay: a messageId accepted before') WHERE EXISTS (
+        SELECT 1 FROM json_each(NEW.messages) AS j
+        JOIN dedup AS d
+          ON d.source = json_extract(j.value, '$[0]') AND d.message_id = json_extract(j.value, '$[1]')
+        WHERE d.received_at >= json_extract(j.value, '$[6]'));
+    INSERT OR REPLACE INTO sessions (user_key, source, started_at, last_activity, expires_at, ids,
+                                     context)
+    SELECT json_extract(s.value, '$[0]'), json_extract(s.value, '$[1]'),
+           json_extract(s.value, '$[2]'), json_extract(s.value, '$[3]'),
+           json_extract(s.value, '$[4]'), json_extract(s.value, '$[5]'),
+           json_extract(s.value, '$[6]')
+    FROM json_each(NEW.sessions) AS s;
+    INSERT INTO messages (source, message_id, user_key, type, body, received_at)
+    SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'),
+           json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]'),
+           json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
+    FROM json_each(NEW.messages) AS j;
+END;
