@@ -227,11 +227,18 @@ class Store:
         transactions never interleave; reads through the async API see them whole.
         """
 
-        def run() -> T:
-            raw: sqlite3.Connection = self._conn._conn  # noqa: SLF001 - used only on its own thread
-            return fn(raw) if own_transaction else _transaction(raw, fn)
+        # aiosqlite's thread keeps the function it ran and its result until its next job, and
+        # what they alone held would be freed there, under Python's lock (1 us per message).
+        # Handed over in lists that are empty by then, both are freed on the event loop.
+        job = [fn]
 
-        return await self._conn._execute(run)  # type: ignore[no-untyped-call,no-any-return]  # noqa: SLF001
+        def run() -> list[T]:
+            raw: sqlite3.Connection = self._conn._conn  # noqa: SLF001 - used only on its own thread
+            step = job.pop()
+            return [step(raw) if own_transaction else _transaction(raw, step)]
+
+        done: list[T] = await self._conn._execute(run)  # type: ignore[no-untyped-call]  # noqa: SLF001
+        return done.pop()
 
     async def _one(self, query: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
         rows = list(await self._reader.execute_fetchall(Q[query], params))
@@ -413,14 +420,9 @@ class Store:
         batches: list[list[NewMessage]],
         activities: dict[int, Activity],
     ) -> tuple[set[tuple[str, str]], dict[str, SessionState]]:
-        """What the session rules need, in one statement on the writer's connection: which of
-        the active messages were already accepted within the dedup window (source,
-        messageId), and their users' sessions.
-
-        Messages whose messageId the relay made are left out of the first: they cannot be
-        repeats, and calls without a messageId are common (each pair costs a lookup and JSON
-        on both sides of the SQLite thread's hop).
-        """
+        """What the session rules need, in one statement: which active messages were accepted
+        before within the dedup window (those with a messageId the relay made cannot be, and
+        are left out), and their users' sessions."""
         active = [
             m for messages in batches for m in messages if id(m) in activities and not m.fresh_id
         ]
