@@ -137,11 +137,6 @@ BEGIN
         WHERE s.started_at IS NOT json_extract(a.value, '$[1]')
            OR s.last_activity IS NOT json_extract(a.value, '$[2]')
            OR s.expires_at IS NOT json_extract(a.value, '$[3]'));
-    SELECT RAISE(ABORT, 'segment-relay: a messageId accepted before') WHERE EXISTS (
-        SELECT 1 FROM json_each(NEW.messages) AS j
-        JOIN dedup AS d
-          ON d.source = json_extract(j.value, '$[0]') AND d.message_id = json_extract(j.value, '$[1]')
-        WHERE d.received_at >= json_extract(j.value, '$[6]'));
     INSERT OR REPLACE INTO sessions (user_key, source, started_at, last_activity, expires_at, ids,
                                      context)
     SELECT json_extract(s.value, '$[0]'), json_extract(s.value, '$[1]'),
@@ -149,9 +144,15 @@ BEGIN
            json_extract(s.value, '$[4]'), json_extract(s.value, '$[5]'),
            json_extract(s.value, '$[6]')
     FROM json_each(NEW.sessions) AS s;
+    -- The messages are read once: each is checked for a repeat as it is inserted.
     INSERT INTO messages (source, message_id, user_key, type, body, received_at)
     SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'),
            json_extract(j.value, '$[2]'), json_extract(j.value, '$[3]'),
            json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
-    FROM json_each(NEW.messages) AS j;
+    FROM json_each(NEW.messages) AS j
+    WHERE NOT EXISTS (
+        SELECT 1 FROM dedup
+        WHERE source = json_extract(j.value, '$[0]') AND message_id = json_extract(j.value, '$[1]')
+          AND received_at >= json_extract(j.value, '$[6]')
+    ) OR RAISE(ABORT, 'segment-relay: a messageId accepted before');
 END;
