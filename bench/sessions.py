@@ -42,7 +42,8 @@ def db_size_mb(path: Path) -> float:
 
 
 async def open_sessions(path: Path, count: int) -> None:
-    store = await Store.open(path, sessions=SessionRules.of(1800, ["page"]))
+    rules = SessionRules.of(1800, ["page"])
+    store = await Store.open(path, sessions=rules)
     now = time.time()
     before = rss_mb()
     started = time.perf_counter()
@@ -52,7 +53,8 @@ async def open_sessions(path: Path, count: int) -> None:
         for n in range(start, min(start + 1000, count)):
             message = {"type": "page", "anonymousId": f"a{n}", "messageId": f"p{n}", "name": "Home",
                        "timestamp": "2024-03-01T12:00:00.000Z", "context": {"userAgent": "bench"}}
-            batch.append(NewMessage("bench", f"p{n}", f"a{n}", "page", orjson.dumps(message), now, message))
+            activity = rules.activity(message, "bench", f"a{n}", now)
+            batch.append(NewMessage("bench", f"p{n}", f"a{n}", "page", orjson.dumps(message), now, activity=activity))
         await store.enqueue(batch)
         if start + 1000 in checkpoints:
             opened, _ = await store.session_stats()

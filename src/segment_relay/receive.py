@@ -335,22 +335,22 @@ class Receiver:
             raise MessageTooLargeError(
                 f"the message is {len(encoded)} bytes; at most {limit} are accepted"
             )
+        key = user_key(enriched)
+        rules = self.store.session_rules
+        activity = rules.activity(enriched, source.name, key, received_at) if rules else None
         return NewMessage(
             source=source.name,
             message_id=str(enriched["messageId"]),
-            user_key=user_key(enriched),
+            user_key=key,
             type=str(enriched["type"]),
             body=encoded,
             received_at=received_at,
-            # Kept only where it is read again: by the session rules in the commit, or by
-            # the debugger. Otherwise only the encoded bytes wait for the commit.
-            message=enriched if self._keeps(enriched) else None,
+            # Kept only for the debugger: otherwise only the encoded bytes (and what the
+            # session rules need) wait for the commit.
+            message=enriched if self.feed is not None else None,
             fresh_id=not message.get("messageId"),
+            activity=activity,
         )
-
-    def _keeps(self, message: dict[str, Any]) -> bool:
-        rules = self.store.session_rules
-        return self.feed is not None or (rules is not None and rules.watches(message))
 
     async def _store(self, messages: list[NewMessage]) -> None:
         try:

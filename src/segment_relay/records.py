@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Self
 
 import orjson
 
-from .sessions import SessionEvent
+from .sessions import Activity, SessionEvent
 
 
 class NewMessage(NamedTuple):
@@ -24,10 +24,12 @@ class NewMessage(NamedTuple):
     type: str
     body: bytes
     received_at: float
-    # The message itself, for the session rules (not stored apart from `body`).
+    # The message itself, for the live debugger (not stored apart from `body`).
     message: dict[str, Any] | None = None
     # The relay made its messageId (the client sent none): it cannot repeat an accepted one.
     fresh_id: bool = False
+    # What the session rules need of the call, when it drives sessions.
+    activity: Activity | None = None
 
     def row(self, dedup_window_s: float) -> list[Any]:
         """The message as an element of the `insert_messages` JSON array."""
@@ -43,13 +45,12 @@ class NewMessage(NamedTuple):
 
     @classmethod
     def session_event(cls, event: SessionEvent, received_at: float) -> NewMessage:
-        message = event.message()
         return cls(
             event.session.source,
-            message["messageId"],
+            event.message_id,
             event.session.user_key,
             event.kind,
-            orjson.dumps(message),
+            event.body(),
             received_at,
         )
 

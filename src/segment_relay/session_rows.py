@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
 from .records import NewMessage
@@ -26,23 +27,22 @@ class Expansion(NamedTuple):
     def saved(self) -> list[list[Any]]:
         """The sessions to save as the rows of the store's session statements."""
         return [
-            [s.user_key, s.source, s.started_at, s.last_activity, s.expires_at, s.ids, s.context]
+            [
+                s.user_key,
+                s.source,
+                s.started_at,
+                s.last_activity,
+                s.expires_at,
+                s.ids,
+                s.json_context(),
+            ]
             for s in self.changed
         ]
 
 
-def session_activities(
-    rules: SessionRules | None, messages: Sequence[NewMessage]
-) -> dict[int, Activity]:
+def session_activities(messages: Sequence[NewMessage]) -> dict[int, Activity]:
     """id(message) -> its session activity, for the messages that have one."""
-    if rules is None:
-        return {}
-    return {
-        id(m): a
-        for m in messages
-        if m.message is not None
-        and (a := rules.activity(m.message, m.source, m.user_key, m.received_at)) is not None
-    }
+    return {id(m): m.activity for m in messages if m.activity is not None}
 
 
 def expand(
@@ -85,12 +85,14 @@ class SessionCache:
     whole commit if one differs, and the commit is then applied by reading the sessions in its
     transaction. A user not here is assumed to have no session: new users are the common miss.
     At most `capacity` sessions are held, so memory does not grow with the open sessions;
-    the least recently written go first.
+    the least recently written go first. They are held as flat tuples of strings and numbers,
+    which Python's garbage collector stops tracking (a NamedTuple, or a tuple holding a dict,
+    it tracks for good), so they add nothing to its collections.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._states: OrderedDict[str, SessionState] = OrderedDict()
+        self._states: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._states)
@@ -98,13 +100,23 @@ class SessionCache:
     def assumed(self, user_keys: Iterable[str]) -> dict[str, SessionState]:
         """The held sessions of `user_keys` (a new dict: the caller may change it)."""
         states = self._states
-        return {key: state for key in user_keys if (state := states.get(key)) is not None}
+        assumed = {}
+        for key in user_keys:
+            if held := states.get(key):
+                user_key, source, started_at, last_activity, expires_at, context = held[:6]
+                ids = dict(zip(held[6::2], held[7::2], strict=True))
+                assumed[key] = SessionState(
+                    user_key, source, started_at, last_activity, expires_at, ids, context
+                )
+        return assumed
 
     def written(self, sessions: Iterable[SessionState]) -> None:
         """Hold `sessions` as just written, dropping the least recently written over capacity."""
         states = self._states
         for session in sessions:
-            states[session.user_key] = session
+            # Flat, ids last as key, value, ...: a tuple holding a tuple is untracked only
+            # by a later collection than the one that untracks the inner tuple.
+            states[session.user_key] = (*session[:5], session.context, *chain(*session.ids.items()))
             states.move_to_end(session.user_key)
         while len(states) > self.capacity:
             states.popitem(last=False)

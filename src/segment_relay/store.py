@@ -317,7 +317,7 @@ class Store:
         and the earliest expiry among the sessions written.
         """
         batches = [ms for ms, _ in groups]
-        activities = session_activities(self._rules, [m for ms in batches for m in ms])
+        activities = session_activities([m for ms in batches for m in ms]) if self._rules else {}
         if activities:
             try:
                 expansion, rows, inserted, last = await self._write(

@@ -192,7 +192,8 @@ async def test_a_file_that_is_not_a_database_is_refused_clearly(queue_path: Path
 
 def page(n: int, user: str, event_time: str, at: float) -> NewMessage:
     message = {"type": "page", "messageId": f"p{n}", "anonymousId": user, "timestamp": event_time}
-    return NewMessage("s", f"p{n}", user, "page", orjson.dumps(message), at, message)
+    activity = SessionRules.of(60, ["page"]).activity(message, "s", user, at)
+    return NewMessage("s", f"p{n}", user, "page", orjson.dumps(message), at, activity=activity)
 
 
 async def test_sessions_are_written_with_the_calls_and_survive_a_restart(queue_path: Path) -> None:

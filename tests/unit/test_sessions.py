@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
+
+import orjson
 
 from segment_relay.session_rows import SessionCache
 from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState
 
 RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])
+CONTEXT = orjson.dumps({"ip": "1.2.3.4"})
 
 
 def act(t: float, wall: float | None = None, **ids: Any) -> Activity:
     return Activity(
-        "a1", "web", t, t if wall is None else wall, ids or {"anonymousId": "a1"}, {"ip": "1.2.3.4"}
+        "a1", "web", t, t if wall is None else wall, ids or {"anonymousId": "a1"}, CONTEXT
     )
 
 
@@ -44,7 +48,7 @@ def test_open_extend_and_close_on_a_gap() -> None:
     events, new = RULES.on_activity(state, act(3801.0))
     assert kinds(events) == ["session_end", "session_start"]
     assert events[0].session == state
-    assert events[0].message()["properties"] == {"duration": 1000.0}
+    assert orjson.loads(events[0].body())["properties"] == {"duration": 1000.0}
     assert new is not None
     assert new.started_at == 3801.0
 
@@ -68,7 +72,7 @@ def test_session_end_carries_the_ids_known_at_the_end_and_the_start_context() ->
     _, state = RULES.on_activity(None, act(1000.0))
     _, state = RULES.on_activity(state, act(1060.0, userId="u5", anonymousId="a1"))
     assert state is not None
-    end = SessionEvent("session_end", state).message()
+    end = orjson.loads(SessionEvent("session_end", state).body())
     assert end["userId"] == "u5"
     assert end["anonymousId"] == "a1"
     assert end["timestamp"] == "1970-01-01T00:17:40.000Z"
@@ -98,3 +102,13 @@ def test_the_rules_may_change_what_the_cache_assumed_without_changing_the_cache(
     assumed["a"] = state("a", 2.0)
     assumed["b"] = state("b", 2.0)
     assert cache.assumed(["a", "b"]) == {"a": state("a", 1.0)}
+
+
+def test_held_sessions_are_left_out_of_the_garbage_collectors_work() -> None:
+    cache = SessionCache(10_000)
+    gc.collect()
+    before = len(gc.get_objects())
+    cache.written([state(f"u{n}", float(n)) for n in range(1000)])
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    assert cache.assumed(["u7"]) == {"u7": state("u7", 7.0)}

@@ -72,7 +72,7 @@ DELETE FROM dedup WHERE received_at < ?;
 -- name: session_inputs
 -- What the session rules need for one commit, in one row: the (source, messageId) pairs of
 -- :pairs (a JSON array) accepted within the dedup window, and the sessions of the users in
--- :users (a JSON array), each as a JSON array.
+-- :users (a JSON array), each as a JSON array (the context as a string of JSON).
 SELECT
     (SELECT json_group_array(json_array(d.source, d.message_id))
      FROM json_each(:pairs) AS j
@@ -82,7 +82,7 @@ SELECT
     (SELECT '[' || COALESCE(group_concat(
         '[' || json_quote(user_key) || ',' || json_quote(source) || ',' || json_quote(started_at)
         || ',' || json_quote(last_activity) || ',' || json_quote(expires_at) || ','
-        || CAST(ids AS TEXT) || ',' || COALESCE(CAST(context AS TEXT), 'null') || ']', ','), '')
+        || CAST(ids AS TEXT) || ',' || json_quote(CAST(context AS TEXT)) || ']', ','), '')
         || ']'
      FROM sessions WHERE user_key IN (SELECT value FROM json_each(:users)));
 
