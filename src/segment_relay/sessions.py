@@ -39,7 +39,7 @@ class SessionState(NamedTuple):
     ids: dict[str, Any]
     # The context of the call that opened the session, as JSON, copied onto both session
     # events (None: that call had none).
-    context: bytes | str | None
+    context: str | None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> SessionState:
@@ -52,7 +52,7 @@ class SessionState(NamedTuple):
             row[3],
             row[4],
             ids if isinstance(ids, dict) else orjson.loads(ids),
-            row[6],
+            row[6] if row[6] is None or isinstance(row[6], str) else bytes(row[6]).decode(),
         )
 
     def json_context(self) -> orjson.Fragment | None:
@@ -106,7 +106,7 @@ class Activity(NamedTuple):
     wall_time: float
     ids: dict[str, Any]
     # The call's context as JSON (None: it has none), for a session it opens.
-    context: bytes | None
+    context: str | None
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,8 @@ class SessionRules:
             event_time,
             wall_time,
             ids,
-            orjson.dumps(context) if isinstance(context, dict) and context else None,
+            # A str: the bytes orjson makes take 4 KiB however short they are.
+            orjson.dumps(context).decode() if isinstance(context, dict) and context else None,
         )
 
     def on_activity(

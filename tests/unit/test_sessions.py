@@ -11,7 +11,7 @@ from segment_relay.session_rows import SessionCache
 from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState
 
 RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])
-CONTEXT = orjson.dumps({"ip": "1.2.3.4"})
+CONTEXT = orjson.dumps({"ip": "1.2.3.4"}).decode()
 
 
 def act(t: float, wall: float | None = None, **ids: Any) -> Activity:
