@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -100,9 +101,10 @@ def main() -> None:
                 rates.append(ingest(Path(d), sessions, args.seconds, args.rate))
     off, on = sum(offs) / len(offs), sum(ons) / len(ons)
     # Each round's own ratio shows how far this host drifted between runs.
-    spread = ", ".join(f"{b / a:.2f}x" for a, b in zip(offs, ons, strict=True))
+    ratios = [b / a for a, b in zip(offs, ons, strict=True)]
+    spread = ", ".join(f"{r:.2f}x" for r in ratios)
     print(f"  sessions on / off = {on / off:.2f}x (cost {100 * (1 - on / off):.0f}% of page-call ingest); "
-          f"per round: {spread}")
+          f"per round: {spread}; median round {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
