@@ -352,7 +352,7 @@ class Store:
     def _session_write(
         self, batches: list[list[NewMessage]], activities: dict[int, Activity]
     ) -> Callable[[sqlite3.Connection], tuple[Expansion, list[NewMessage], int, int]]:
-        """The SQLite thread's part of a commit with session activity.
+        """Apply the rules to a commit with session activity; return the SQLite thread's part.
 
         The rules run here, on the event loop, on the sessions the cache holds (a user it
         does not hold is taken to have none), and the SQLite thread runs one statement. That
