@@ -106,3 +106,14 @@ class Metrics:
         self.sessions_ended = Gauge(
             "segment_relay_sessions_ended", "Sessions ended since this process began", registry=r
         )
+        self.session_commits = Gauge(
+            "segment_relay_session_commits",
+            "Commits with session activity since this process began",
+            registry=r,
+        )
+        self.session_commits_read = Gauge(
+            "segment_relay_session_commits_read",
+            "Of those, commits that read sessions from the database: a user's session was not "
+            "in the cache (sessions.cache_size) or a messageId repeated",
+            registry=r,
+        )

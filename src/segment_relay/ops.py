@@ -73,6 +73,8 @@ async def refresh_gauges(app: web.Application) -> None:
     metrics.sessions_open.set(open_sessions)
     metrics.sessions_started.set(store.sessions_started)
     metrics.sessions_ended.set(store.sessions_ended)
+    metrics.session_commits.set(store.session_commits)
+    metrics.session_commits_read.set(store.session_commits_read)
 
 
 def status_line(app: web.Application) -> str:

@@ -143,6 +143,8 @@ class Store:
         self.full_error: str | None = None
         self.sessions_started = 0
         self.sessions_ended = 0
+        # Commits with session activity, and those that read the sessions (the cache missed).
+        self.session_commits = self.session_commits_read = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -319,6 +321,7 @@ class Store:
         batches = [ms for ms, _ in groups]
         activities = session_activities([m for ms in batches for m in ms]) if self._rules else {}
         if activities:
+            self.session_commits += 1
             try:
                 expansion, rows, inserted, last = await self._write(
                     self._session_write(batches, activities), own_transaction=True
@@ -364,6 +367,7 @@ class Store:
         assert rules is not None  # there is session activity
 
         def read_and_write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
+            self.session_commits_read += 1  # only this thread writes it
             seen, states = self._session_inputs(raw, batches, activities)
             expansion = expand(rules, batches, activities, seen, states)
             rows, array = self._insertion(expansion)
@@ -381,11 +385,7 @@ class Store:
         ]
         guess = expand(rules, batches, activities, set(), states)
         rows, array = self._insertion(guess)
-        params = (
-            orjson.dumps(assumed).decode(),
-            orjson.dumps(guess.saved()).decode(),
-            array,
-        )
+        params = (orjson.dumps(assumed).decode(), orjson.dumps(guess.saved()).decode(), array)
 
         def write(raw: sqlite3.Connection) -> tuple[Expansion, list[NewMessage], int, int]:
             try:
@@ -437,9 +437,7 @@ class Store:
 
     async def expire_sessions(self, now: float, limit: int = 1000) -> int:
         """Close up to `limit` sessions idle at wall-clock `now`; return how many were closed.
-
-        Their session_end events are enqueued in the same transaction that deletes them.
-        """
+        Their session_end events are enqueued in the same transaction that deletes them."""
 
         def expire(raw: sqlite3.Connection) -> list[str]:
             found = raw.execute(Q["expired_sessions"], (now, limit)).fetchall()

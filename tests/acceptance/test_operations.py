@@ -169,6 +169,8 @@ async def test_metrics_count_what_was_sent_retried_and_dead_lettered(tmp_path: P
     assert got[("segment_relay_commands_retried_total", (("reason", "command_retry"),))] == 1
     assert got[("segment_relay_commands_dead_lettered_total", (("reason", "rejected"),))] == 1
     assert got[("segment_relay_queue_depth", ())] == 0
+    assert got[("segment_relay_session_commits", ())] == 0  # no page or screen calls
+    assert got[("segment_relay_session_commits_read", ())] == 0
     assert got[("segment_relay_requests_total", (("endpoint", "batch"), ("status", "200")))] == 1
     assert WRITE_KEY not in text
     assert "TOKEN" not in text

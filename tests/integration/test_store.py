@@ -239,6 +239,7 @@ async def test_a_session_the_timer_closes_meanwhile_is_not_written_back(
         assert [r.type for r in rows] == kinds
         assert rows[3].message["timestamp"] == "2024-03-01T12:00:30.000Z"
         assert await store.session_stats() == (1, 1130.0)
+        assert (store.session_commits, store.session_commits_read) == (2, 1)
     finally:
         await store.close()
 
@@ -250,7 +251,9 @@ async def test_a_user_whose_session_left_the_cache_is_read_from_the_database(
     try:
         await store.enqueue([page(1, "a", "2024-03-01T12:00:00Z", 1000.0)])
         await store.enqueue([page(2, "b", "2024-03-01T12:00:00Z", 1001.0)])  # a leaves the cache
+        assert (store.session_commits, store.session_commits_read) == (2, 0)
         await store.enqueue([page(3, "a", "2024-03-01T12:00:10Z", 1010.0)])
+        assert (store.session_commits, store.session_commits_read) == (3, 1)
         rows = await store.due(2000.0, (), 10)
         assert [(r.type, r.user_key) for r in rows] == [
             ("session_start", "a"),
