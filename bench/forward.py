@@ -43,7 +43,7 @@ async def prefill(path: Path, count: int) -> None:
         batch = []
         for n in range(start, min(start + 1000, count)):
             message = {**TRACK, "type": "track", "userId": f"user-{n % 1000}", "messageId": f"m{n}"}
-            batch.append(NewMessage("bench", f"m{n}", f"user-{n % 1000}", "track", orjson.dumps(message), now))
+            batch.append(NewMessage("bench", f"m{n}", f"user-{n % 1000}", "track", orjson.dumps(message).decode(), now))
         await store.enqueue(batch)
     await store.close()
 

@@ -64,7 +64,7 @@ async def open_sessions(path: Path, count: int) -> None:
             message = {"type": "page", "anonymousId": f"a{n}", "messageId": f"p{n}", "name": "Home",
                        "timestamp": "2024-03-01T12:00:00.000Z", "context": {"userAgent": "bench"}}
             activity = rules.activity(message, "bench", f"a{n}", now)
-            batch.append(NewMessage("bench", f"p{n}", f"a{n}", "page", orjson.dumps(message), now, activity=activity))
+            batch.append(NewMessage("bench", f"p{n}", f"a{n}", "page", orjson.dumps(message).decode(), now, activity=activity))
         await store.enqueue(batch)
         if start + 1000 in checkpoints:
             opened, _ = await store.session_stats()

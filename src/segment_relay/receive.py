@@ -343,9 +343,9 @@ class Receiver:
             message_id=str(enriched["messageId"]),
             user_key=key,
             type=str(enriched["type"]),
-            body=encoded,
+            body=encoded.decode(),
             received_at=received_at,
-            # Kept only for the debugger: otherwise only the encoded bytes (and what the
+            # Kept only for the debugger: otherwise only the encoded message (and what the
             # session rules need) wait for the commit.
             message=enriched if self.feed is not None else None,
             fresh_id=not message.get("messageId"),

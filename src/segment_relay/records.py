@@ -22,7 +22,9 @@ class NewMessage(NamedTuple):
     message_id: str
     user_key: str
     type: str
-    body: bytes
+    # The message as JSON. A str: the bytes orjson makes take 4 KiB however short they are,
+    # and a message waits for its commit (6,400 in flight for 64 clients' 100-message batches).
+    body: str
     received_at: float
     # The message itself, for the live debugger (not stored apart from `body`).
     message: dict[str, Any] | None = None
@@ -38,7 +40,7 @@ class NewMessage(NamedTuple):
             self.message_id,
             self.user_key,
             self.type,
-            self.body.decode(),
+            self.body,
             self.received_at,
             self.received_at - dedup_window_s,
         ]

@@ -78,7 +78,7 @@ class SessionEvent:
         session = self.session
         return f"{self.kind}:{session.user_key}:{session.started_at:.3f}"
 
-    def body(self) -> bytes:
+    def body(self) -> str:
         """The message, as JSON, that the forwarder maps like any other event."""
         session = self.session
         message: dict[str, Any] = {
@@ -93,7 +93,7 @@ class SessionEvent:
             message["properties"] = {
                 "duration": round(session.last_activity - session.started_at, 3)
             }
-        return orjson.dumps(message)
+        return orjson.dumps(message).decode()
 
 
 class Activity(NamedTuple):

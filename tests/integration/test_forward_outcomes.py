@@ -22,7 +22,9 @@ async def test_a_message_the_mapping_refuses_is_dead_lettered(
     async with running_relay(make_config(queue_path, api.url)) as relay:
         store = relay.app[STORE]
         # A row as an older relay could have stored it: no timestamp to send.
-        body = orjson.dumps({"type": "track", "userId": "u1", "event": "x", "messageId": "old-1"})
+        body = orjson.dumps(
+            {"type": "track", "userId": "u1", "event": "x", "messageId": "old-1"}
+        ).decode()
         await store.enqueue([NewMessage("test", "old-1", "u1", "track", body, time.time())])
         assert (
             await post(relay.url, "/v1/track", {"userId": "u2", "event": "fine", "timestamp": T0})

@@ -17,7 +17,7 @@ from segment_relay.store import Store
 def msg(
     n: int, user: str = "u", kind: str = "track", at: float = 1000.0, source: str = "s"
 ) -> NewMessage:
-    return NewMessage(source, f"m{n}", user, kind, b'{"n": %d}' % n, at)
+    return NewMessage(source, f"m{n}", user, kind, f'{{"n": {n}}}', at)
 
 
 async def test_enqueue_is_durable_across_reopen(queue_path: Path) -> None:
@@ -193,7 +193,9 @@ async def test_a_file_that_is_not_a_database_is_refused_clearly(queue_path: Path
 def page(n: int, user: str, event_time: str, at: float) -> NewMessage:
     message = {"type": "page", "messageId": f"p{n}", "anonymousId": user, "timestamp": event_time}
     activity = SessionRules.of(60, ["page"]).activity(message, "s", user, at)
-    return NewMessage("s", f"p{n}", user, "page", orjson.dumps(message), at, activity=activity)
+    return NewMessage(
+        "s", f"p{n}", user, "page", orjson.dumps(message).decode(), at, activity=activity
+    )
 
 
 async def test_sessions_are_written_with_the_calls_and_survive_a_restart(queue_path: Path) -> None:
