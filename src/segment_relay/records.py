@@ -47,12 +47,14 @@ class NewMessage(NamedTuple):
 
     @classmethod
     def session_event(cls, event: SessionEvent, received_at: float) -> NewMessage:
+        message_id = event.message_id
+        session = event.session
         return cls(
-            event.session.source,
-            event.message_id,
-            event.session.user_key,
+            session.source,
+            message_id,
+            session.user_key,
             event.kind,
-            event.body(),
+            event.body(message_id),
             received_at,
         )
 

@@ -60,8 +60,7 @@ class SessionState(NamedTuple):
         return None if self.context is None else orjson.Fragment(self.context)
 
 
-@dataclass(frozen=True)
-class SessionEvent:
+class SessionEvent(NamedTuple):
     """A session_start or session_end to enqueue, as a Segment-like message."""
 
     kind: str
@@ -78,12 +77,13 @@ class SessionEvent:
         session = self.session
         return f"{self.kind}:{session.user_key}:{session.started_at:.3f}"
 
-    def body(self) -> str:
-        """The message, as JSON, that the forwarder maps like any other event."""
+    def body(self, message_id: str | None = None) -> str:
+        """The message, as JSON, that the forwarder maps like any other event (`message_id`:
+        this event's, when the caller has it)."""
         session = self.session
         message: dict[str, Any] = {
             "type": self.kind,
-            "messageId": self.message_id,
+            "messageId": self.message_id if message_id is None else message_id,
             **session.ids,
             "timestamp": format_time(self.timestamp),
         }
@@ -131,7 +131,10 @@ class SessionRules:
         self, message: dict[str, Any], source: str, user_key: str, wall_time: float
     ) -> Activity | None:
         """The message as session activity, or None when it does not touch sessions."""
-        if not self.watches(message):
+        kind = message.get("type")  # as `watches`, inline: this runs for every page call
+        if kind not in self.event_types and (
+            kind != "track" or message.get("event") not in self.event_types
+        ):
             return None
         event_time = parse_time(message.get("timestamp"))
         if event_time is None or not user_key:
@@ -162,41 +165,44 @@ class SessionRules:
         older than the session (historical data) leaves it alone.
         """
         timeout = self.idle_timeout_s
-        expires_at = activity.wall_time + timeout
+        _, _, event_time, wall_time, call_ids, _ = activity  # unpacked: once per session call
+        expires_at = wall_time + timeout
         if session is None:
             opened = self._open(activity, expires_at)
             return [SessionEvent("session_start", opened)], opened
-        if activity.event_time - session.last_activity > timeout:
+        user_key, source, started_at, last_activity, expiry, ids, context = session
+        if event_time - last_activity > timeout:
             opened = self._open(activity, expires_at)
             return [
                 SessionEvent("session_end", session),
                 SessionEvent("session_start", opened),
             ], opened
-        if activity.event_time < session.started_at - timeout:
+        if event_time < started_at - timeout:
             return [], session
-        event_time = activity.event_time
-        ids = session.ids
-        if not activity.ids.items() <= ids.items():  # ids are strings or numbers (validated)
-            ids = {**ids, **activity.ids}  # a login during the session adds the userId
+        if not call_ids.items() <= ids.items():  # ids are strings or numbers (validated)
+            ids = {**ids, **call_ids}  # a login during the session adds the userId
         extended = SessionState(
-            session.user_key,
-            session.source,
-            event_time if event_time < session.started_at else session.started_at,
-            event_time if event_time > session.last_activity else session.last_activity,
-            expires_at if expires_at > session.expires_at else session.expires_at,
+            user_key,
+            source,
+            event_time if event_time < started_at else started_at,
+            event_time if event_time > last_activity else last_activity,
+            expires_at if expires_at > expiry else expiry,
             ids,
-            session.context,
+            context,
         )
         return [], extended
 
     @staticmethod
     def _open(activity: Activity, expires_at: float) -> SessionState:
+        # Positional, and the call's own ids (no state changes a dict in place): once per
+        # session, within the commit.
+        event_time = activity.event_time
         return SessionState(
-            user_key=activity.user_key,
-            source=activity.source,
-            started_at=activity.event_time,
-            last_activity=activity.event_time,
-            expires_at=expires_at,
-            ids=dict(activity.ids),
-            context=activity.context,
+            activity.user_key,
+            activity.source,
+            event_time,
+            event_time,
+            expires_at,
+            activity.ids,
+            activity.context,
         )
