@@ -120,18 +120,12 @@ class SessionRules:
     def of(cls, idle_timeout_s: float, event_types: Iterable[str]) -> SessionRules:
         return cls(idle_timeout_s, frozenset(event_types))
 
-    def watches(self, message: dict[str, Any]) -> bool:
-        """Whether the message is of a type (or a track event) that drives sessions."""
-        kind = message.get("type")
-        return kind in self.event_types or (
-            kind == "track" and message.get("event") in self.event_types
-        )
-
     def activity(
         self, message: dict[str, Any], source: str, user_key: str, wall_time: float
     ) -> Activity | None:
-        """The message as session activity, or None when it does not touch sessions."""
-        kind = message.get("type")  # as `watches`, inline: this runs for every page call
+        """The message as session activity, or None when it does not touch sessions: it is
+        not of a type, or a track call of an event name, in `event_types`."""
+        kind = message.get("type")
         if kind not in self.event_types and (
             kind != "track" or message.get("event") not in self.event_types
         ):
