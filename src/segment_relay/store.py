@@ -372,7 +372,9 @@ class Store:
             expansion = expand(rules, batches, activities, seen, states)
             rows, array = self._insertion(expansion)
             if expansion.changed:
-                raw.execute(Q["save_sessions"], (orjson.dumps(expansion.saved()).decode(),))
+                # The one statement that writes sessions, here with nothing assumed or inserted.
+                saved = orjson.dumps(expansion.saved()).decode()
+                raw.execute(Q["commit_sessions"], ("[]", saved, "[]"))
             return (expansion, rows, *_insert(raw, rows, array))
 
         if not self._cache.capacity:

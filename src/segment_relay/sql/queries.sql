@@ -86,15 +86,6 @@ SELECT
         || ']'
      FROM sessions WHERE user_key IN (SELECT value FROM json_each(:users)));
 
--- name: save_sessions
--- ? is a JSON array of [user_key, source, started_at, last_activity, expires_at, ids, context]
--- with ids and context as JSON objects (context may be null).
-INSERT OR REPLACE INTO sessions (user_key, source, started_at, last_activity, expires_at, ids, context)
-SELECT json_extract(s.value, '$[0]'), json_extract(s.value, '$[1]'), json_extract(s.value, '$[2]'),
-       json_extract(s.value, '$[3]'), json_extract(s.value, '$[4]'), json_extract(s.value, '$[5]'),
-       json_extract(s.value, '$[6]')
-FROM json_each(?) AS s;
-
 -- name: expired_sessions
 SELECT user_key, source, started_at, last_activity, expires_at, ids, context
 FROM sessions WHERE expires_at <= ? ORDER BY expires_at LIMIT ?;

@@ -122,10 +122,13 @@ END;
 -- SessionCache), written by one statement: one step of SQLite, autocommit, no Python on the
 -- SQLite thread between its reads and writes. Each column is a JSON array:
 -- assumed [[user_key, started_at, last_activity, expires_at]] is what the rules were given for
--- each user with activity ([user_key] alone: no session); sessions and messages are as for
--- save_sessions and insert_messages. The commit is refused as a whole (nothing is written)
--- when a user's session is not as assumed, or when a message's messageId was accepted before
--- within the dedup window; the store then applies it by reading those in its transaction.
+-- each user with activity ([user_key] alone: no session); sessions is
+-- [[user_key, source, started_at, last_activity, expires_at, ids, context]] (ids and context
+-- as JSON objects, context may be null); messages is as for insert_messages. The commit is
+-- refused as a whole (nothing is written) when a user's session is not as assumed, or when a
+-- message's messageId was accepted before within the dedup window; the store then applies it
+-- by reading those in its transaction (where it writes its sessions with this statement too,
+-- with nothing assumed and no messages).
 CREATE VIEW IF NOT EXISTS session_commits (assumed, sessions, messages) AS
 SELECT NULL, NULL, NULL WHERE 0;
 
