@@ -22,16 +22,31 @@ async def main(db: str, url: str) -> None:
     conn.execute("PRAGMA synchronous=FULL")
     sent = 0
     async with aiohttp.ClientSession() as session:
-        while rows := conn.execute("SELECT seq, body FROM messages ORDER BY seq LIMIT 50").fetchall():
+        while rows := conn.execute(
+            "SELECT seq, body FROM messages ORDER BY seq LIMIT 50"
+        ).fetchall():
             commands = []
             for _, body in rows:
                 message = orjson.loads(body)
-                commands.append({"name": "crm/events", "data": {
-                    "customer_ids": {"registered": str(message.get("userId") or message.get("anonymousId"))},
-                    "project_id": "TOKEN", "type": message.get("event", "x"), "properties": {},
-                    "timestamp": 0.0,
-                }})
-            async with session.post(url + "/bulk", data=orjson.dumps({"commands": commands})) as response:
+                commands.append(
+                    {
+                        "name": "crm/events",
+                        "data": {
+                            "customer_ids": {
+                                "registered": str(
+                                    message.get("userId") or message.get("anonymousId")
+                                )
+                            },
+                            "project_id": "TOKEN",
+                            "type": message.get("event", "x"),
+                            "properties": {},
+                            "timestamp": 0.0,
+                        },
+                    }
+                )
+            async with session.post(
+                url + "/bulk", data=orjson.dumps({"commands": commands})
+            ) as response:
                 await response.read()
             conn.execute("BEGIN")
             conn.executemany("DELETE FROM messages WHERE seq = ?", [(seq,) for seq, _ in rows])

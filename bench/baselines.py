@@ -1,8 +1,8 @@
 """Bare baselines for the ingest benchmark, on the same event loop as the relay.
 
-  python bench/baselines.py parse   --port N            parse the JSON, answer 200
-  python bench/baselines.py durable --port N --db PATH  parse, one row per message in one
-                                                        SQLite transaction (WAL, FULL), answer
+python bench/baselines.py parse   --port N            parse the JSON, answer 200
+python bench/baselines.py durable --port N --db PATH  parse, one row per message in one
+                                                      SQLite transaction (WAL, FULL), answer
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ async def main(args: argparse.Namespace) -> None:
         assert conn is not None
         body = orjson.loads(await request.read())
         items = body["batch"] if "batch" in body else [body]  # noqa: SIM401 - the measured path, kept as it was
-        await conn.executemany("INSERT INTO events (body) VALUES (?)", [(orjson.dumps(m),) for m in items])
+        await conn.executemany(
+            "INSERT INTO events (body) VALUES (?)", [(orjson.dumps(m),) for m in items]
+        )
         await conn.commit()
         return web.Response(body=OK, content_type="application/json")
 
@@ -49,7 +51,11 @@ async def main(args: argparse.Namespace) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
-    print(f"baseline listening on http://127.0.0.1:{runner.addresses[0][1]}", file=sys.stderr, flush=True)
+    print(
+        f"baseline listening on http://127.0.0.1:{runner.addresses[0][1]}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         await asyncio.Event().wait()
     finally:

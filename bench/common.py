@@ -93,7 +93,9 @@ def relay_config(tmp: Path, api_url: str, *, rate: float | None = None, **sectio
 
 
 def relay(config: Path) -> contextlib.AbstractContextManager[Proc]:
-    return process(str(BIN / "segment-relay"), "--log-level", "warning", "serve", "--config", str(config))
+    return process(
+        str(BIN / "segment-relay"), "--log-level", "warning", "serve", "--config", str(config)
+    )
 
 
 def fake_api() -> contextlib.AbstractContextManager[Proc]:
@@ -120,7 +122,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-def wrk(url: str, body: bytes, *, connections: int = 64, seconds: int = 10, script: str = "post.lua") -> WrkResult:
+def wrk(
+    url: str, body: bytes, *, connections: int = 64, seconds: int = 10, script: str = "post.lua"
+) -> WrkResult:
     """Drive `url` with wrk (one thread, `connections` connections) POSTing `body`."""
     exe = shutil.which("wrk")
     if exe is None:
@@ -129,8 +133,23 @@ def wrk(url: str, body: bytes, *, connections: int = 64, seconds: int = 10, scri
         f.write(body)
         f.flush()
         out = subprocess.run(
-            [exe, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(BENCH / script), url, "--", f.name, AUTH],
-            capture_output=True, text=True, check=True, timeout=seconds + 60,
+            [
+                exe,
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                str(BENCH / script),
+                url,
+                "--",
+                f.name,
+                AUTH,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
         ).stdout
     requests, took = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).groups()[:2]  # type: ignore[union-attr]
     unit = re.search(r"\d+ requests in [\d.]+(m?s)", out).group(1)  # type: ignore[union-attr]

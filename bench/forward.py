@@ -27,8 +27,8 @@ from common import AUTH, python_bin, relay, relay_config
 from ingest import TRACK
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from segment_relay.queue.sqlite import SqliteQueue
 from segment_relay.records import NewMessage
-from segment_relay.store import Store
 from segment_relay.testing import FakeInfinario
 
 # Forwarding speed is what this measures: the destination's rate limit (80 requests/s by
@@ -37,13 +37,22 @@ UNTHROTTLED = 10_000
 
 
 async def prefill(path: Path, count: int) -> None:
-    store = await Store.open(path)
+    store = await SqliteQueue.open(path)
     now = time.time()
     for start in range(0, count, 1000):
         batch = []
         for n in range(start, min(start + 1000, count)):
             message = {**TRACK, "type": "track", "userId": f"user-{n % 1000}", "messageId": f"m{n}"}
-            batch.append(NewMessage("bench", f"m{n}", f"user-{n % 1000}", "track", orjson.dumps(message).decode(), now))
+            batch.append(
+                NewMessage(
+                    "bench",
+                    f"m{n}",
+                    f"user-{n % 1000}",
+                    "track",
+                    orjson.dumps(message).decode(),
+                    now,
+                )
+            )
         await store.enqueue(batch)
     await store.close()
 
@@ -79,7 +88,9 @@ async def drain_bare(db: Path, count: int) -> float:
     runner, url = await start_fake(fake)
     try:
         started = time.perf_counter()
-        process = await asyncio.create_subprocess_exec(python_bin(), "bench/bare_forward.py", str(db), url)
+        process = await asyncio.create_subprocess_exec(
+            python_bin(), "bench/bare_forward.py", str(db), url
+        )
         async with asyncio.timeout(900):
             await process.wait()
         took = time.perf_counter() - started
@@ -94,7 +105,14 @@ async def end_to_end(tmp: Path, events: int) -> None:
     runner, url = await start_fake(fake)
     # 1,000 users, as in the pre-filled queue (one user's calls go out one batch at a time).
     bodies = [
-        orjson.dumps({"batch": [{"type": "track", **TRACK, "userId": f"user-{(b * 100 + i) % 1000}"} for i in range(100)]})
+        orjson.dumps(
+            {
+                "batch": [
+                    {"type": "track", **TRACK, "userId": f"user-{(b * 100 + i) % 1000}"}
+                    for i in range(100)
+                ]
+            }
+        )
         for b in range(10)
     ]
     try:
@@ -111,7 +129,9 @@ async def end_to_end(tmp: Path, events: int) -> None:
                     while not batches.empty():
                         n = batches.get_nowait()
                         body = bodies[n % len(bodies)]
-                        async with session.post(daemon.url + "/v1/batch", data=body, headers={"Authorization": AUTH}) as r:
+                        async with session.post(
+                            daemon.url + "/v1/batch", data=body, headers={"Authorization": AUTH}
+                        ) as r:
                             assert r.status == 200, await r.text()
                         depth.sample()
 
@@ -122,8 +142,10 @@ async def end_to_end(tmp: Path, events: int) -> None:
                 await until_accepted(fake, min(events, fake.accepted_count + 5000), 900)
             took = time.perf_counter() - started
             _, peak = daemon.rss_mb()
-        print(f"end to end: {events:,} events accepted in {accepted:.1f}s, all delivered in {took:.1f}s: "
-              f"{events / took:,.0f} events/s end to end; peak queue depth {depth.peak:,}; daemon peak RSS {peak:.0f} MiB")
+        print(
+            f"end to end: {events:,} events accepted in {accepted:.1f}s, all delivered in {took:.1f}s: "
+            f"{events / took:,.0f} events/s end to end; peak queue depth {depth.peak:,}; daemon peak RSS {peak:.0f} MiB"
+        )
     finally:
         await runner.cleanup()
 
@@ -159,8 +181,10 @@ async def main() -> None:
                 shutil.copy(f"{source}{suffix}", f"{tmp / 'relay.db'}{suffix}")
         bare = await drain_bare(tmp / "bare.db", args.messages)
         ours, peak = await drain_with_daemon(tmp, tmp / "relay.db", args.messages)
-        print(f"pre-filled queue of {args.messages:,}: bare loop {bare:,.0f} events/s, relay {ours:,.0f} events/s "
-              f"= {ours / bare:.2f}x (daemon peak RSS {peak:.0f} MiB)")
+        print(
+            f"pre-filled queue of {args.messages:,}: bare loop {bare:,.0f} events/s, relay {ours:,.0f} events/s "
+            f"= {ours / bare:.2f}x (daemon peak RSS {peak:.0f} MiB)"
+        )
         await end_to_end(tmp, args.e2e_events)
 
 

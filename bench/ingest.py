@@ -26,22 +26,39 @@ from common import WrkResult, fake_api, process, python_bin, relay, relay_config
 TRACK = {
     "userId": "user-1234567890",
     "event": "Order Completed",
-    "properties": {"revenue": 19.99, "currency": "EUR", "product": {"sku": "SKU-1", "name": "Mug", "price": 19.99}, "coupon": "SPRING", "items": 3},
+    "properties": {
+        "revenue": 19.99,
+        "currency": "EUR",
+        "product": {"sku": "SKU-1", "name": "Mug", "price": 19.99},
+        "coupon": "SPRING",
+        "items": 3,
+    },
     "context": {
-        "ip": "203.0.113.7", "locale": "en-GB", "timezone": "Europe/London",
+        "ip": "203.0.113.7",
+        "locale": "en-GB",
+        "timezone": "Europe/London",
         "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
         "library": {"name": "analytics-python", "version": "2.4.0"},
-        "page": {"url": "https://shop.example/cart?step=2", "path": "/cart", "title": "Cart", "referrer": "https://search.example/"},
+        "page": {
+            "url": "https://shop.example/cart?step=2",
+            "path": "/cart",
+            "title": "Cart",
+            "referrer": "https://search.example/",
+        },
         "campaign": {"source": "newsletter", "medium": "email", "name": "spring"},
     },
     "timestamp": "2024-03-01T12:00:00.000Z",
 }
 SINGLE = orjson.dumps(TRACK)
-BATCH = orjson.dumps({"batch": [{"type": "track", **TRACK}] * 100, "sentAt": "2024-03-01T12:00:01.000Z"})
+BATCH = orjson.dumps(
+    {"batch": [{"type": "track", **TRACK}] * 100, "sentAt": "2024-03-01T12:00:01.000Z"}
+)
 
 
 def baseline(mode: str, tmp: Path, body: bytes, path: str, seconds: int) -> WrkResult:
-    with process(python_bin(), "bench/baselines.py", mode, "--db", str(tmp / f"{mode}.db")) as server:
+    with process(
+        python_bin(), "bench/baselines.py", mode, "--db", str(tmp / f"{mode}.db")
+    ) as server:
         return wrk(server.url + path, body, seconds=seconds)
 
 
@@ -52,11 +69,23 @@ def row(name: str, result: WrkResult, events: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=1, help="relay runs per load, each between two baseline runs (the host drifts)")
-    parser.add_argument("--rate", type=float, default=None, help="destination.max_requests_per_second (default: the relay's, 80)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="relay runs per load, each between two baseline runs (the host drifts)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="destination.max_requests_per_second (default: the relay's, 80)",
+    )
     args = parser.parse_args()
-    print(f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
-          f"forwarding at {args.rate or 'the default'} requests/s; {args.rounds} round(s)")
+    print(
+        f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
+        f"forwarding at {args.rate or 'the default'} requests/s; {args.rounds} round(s)"
+    )
     print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
     for name, body, path, events, mode in [
         ("single calls", SINGLE, "/v1/track", 1, "parse"),
@@ -70,7 +99,10 @@ def main() -> None:
             print(row(f"{name}: baseline ({mode})", before, events))
             for n in range(args.rounds):
                 (tmp / f"relay{n}").mkdir()  # a fresh queue each round
-                with fake_api() as api, relay(relay_config(tmp / f"relay{n}", api.url, rate=args.rate)) as daemon:
+                with (
+                    fake_api() as api,
+                    relay(relay_config(tmp / f"relay{n}", api.url, rate=args.rate)) as daemon,
+                ):
                     ours = wrk(daemon.url + path, body, seconds=args.seconds)
                 after = baseline(mode, tmp, body, path, args.seconds)
                 # Each relay run against the mean of the baseline runs just before and after it.
@@ -81,8 +113,10 @@ def main() -> None:
                 print(row(f"{name}: baseline ({mode})", after, events))
                 before = after
         rounds = ", ".join(f"{r:.2f}x" for r in ratios)
-        print(f"{name}: relay / baseline = {statistics.median(ratios):.2f}x (median; rounds {rounds}), "
-              f"relay p99 {statistics.median(p99s):.1f} ms (median)")
+        print(
+            f"{name}: relay / baseline = {statistics.median(ratios):.2f}x (median; rounds {rounds}), "
+            f"relay p99 {statistics.median(p99s):.1f} ms (median)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -16,13 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 import yaml
 from aiohttp import web
 
-from segment_relay.config import Config, parse_config
+from segment_relay.config import Config, QueueConfig, parse_config
+from segment_relay.queue import Queue, open_queue
+from segment_relay.records import NewMessage
 from segment_relay.service import create_app
+from segment_relay.sessions import SessionRules
 from segment_relay.testing import FakeInfinario
 
 TESTS = Path(__file__).parent
@@ -266,3 +271,103 @@ async def queue_pending(config: Path) -> int:
     code, out, err = await run_cli("status", "--json", "--config", str(config))
     assert code == 0, err
     return int(orjson.loads(out)["pending"])
+
+
+# --- queue rows -------------------------------------------------------------------------------
+
+
+def msg(
+    n: int, user: str = "u", kind: str = "track", at: float = 1000.0, source: str = "s"
+) -> NewMessage:
+    """A call (messageId m<n>) as the receiver hands it to the queue."""
+    return NewMessage(source, f"m{n}", user, kind, f'{{"n": {n}}}', at)
+
+
+def page(n: int, user: str, event_time: str, at: float) -> NewMessage:
+    """A page call (messageId p<n>) that drives sessions of a 60 s idle timeout."""
+    message = {"type": "page", "messageId": f"p{n}", "anonymousId": user, "timestamp": event_time}
+    activity = SessionRules.of(60, ["page"]).activity(message, "s", user, at)
+    return NewMessage(
+        "s", f"p{n}", user, "page", orjson.dumps(message).decode(), at, activity=activity
+    )
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+# The server the PostgreSQL tests make their databases on (trust auth on 127.0.0.1).
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SEGMENT_RELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+# Set by .ci/run: a PostgreSQL test that cannot reach the server fails instead of skipping.
+POSTGRES_REQUIRED = os.environ.get("SEGMENT_RELAY_REQUIRE_POSTGRES") == "1"
+HOW_TO_ENABLE_POSTGRES = (
+    "PostgreSQL is not reachable at "
+    + POSTGRES_ADMIN_URL.split("@")[-1]
+    + " (start it, e.g. `pg_ctlcluster --skip-systemctl-redirect 15 main start`, or point "
+    "SEGMENT_RELAY_TEST_POSTGRES at a server where the user may create databases)"
+)
+
+
+def database_url(name: str) -> str:
+    """The URL of database `name` on the test server."""
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@contextlib.asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A new, empty database on the test server (dropped on exit); yields its URL.
+
+    Skips, saying how to enable them, where the server cannot be reached, unless .ci/run made
+    the PostgreSQL tests mandatory (SEGMENT_RELAY_REQUIRE_POSTGRES=1).
+    """
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if POSTGRES_REQUIRED:
+            raise AssertionError(f"{HOW_TO_ENABLE_POSTGRES}: {exc}") from exc
+        pytest.skip(HOW_TO_ENABLE_POSTGRES)
+    name = f"segment_relay_test_{os.getpid()}_{next(_DATABASES)}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield database_url(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+_DATABASES = itertools.count()
+
+
+@dataclass
+class Backend:
+    """Opens the queue under test (a contract test's `backend`): `kind` is "sqlite" (a file
+    at `path`) or "postgres" (the database at `url`). What it opened is closed after the test."""
+
+    kind: str
+    path: Path | None = None
+    url: str = ""
+    opened: list[Queue] = field(default_factory=list)
+
+    async def open(
+        self,
+        *,
+        dedup_window_s: float = 86400.0,
+        max_pending: int = 10_000_000,
+        sessions: SessionRules | None = None,
+        lease_s: float = 15.0,
+    ) -> Queue:
+        config = QueueConfig(
+            path=str(self.path),
+            url=self.url,
+            dedup_window_s=dedup_window_s,
+            max_pending=max_pending,
+            lease_s=lease_s,
+        )
+        queue = await open_queue(config, sessions=sessions)
+        self.opened.append(queue)
+        return queue
+
+    async def close_all(self) -> None:
+        for queue in self.opened:
+            with contextlib.suppress(Exception):
+                await queue.close()

@@ -11,12 +11,12 @@ from .debugger import DebugFeed
 from .forward import Forwarder
 from .metrics import Metrics
 from .notify import Notifier
+from .queue.protocol import Queue
 from .receive import Receiver
 from .session_timer import SessionTimer
-from .store import Store
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
+STORE: web.AppKey[Queue] = web.AppKey("store")
 METRICS = web.AppKey("metrics", Metrics)
 RECEIVER = web.AppKey("receiver", Receiver)
 FORWARDER = web.AppKey("forwarder", Forwarder)

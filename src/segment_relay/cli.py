@@ -19,7 +19,7 @@ import orjson
 from . import __version__
 from .config import Config, load_config, parse_duration
 from .errors import ConfigError, StoreError
-from .store import Store
+from .queue import Queue, open_queue
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -208,7 +208,7 @@ def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
 
     async def read() -> dict[str, Any]:
-        store = await Store.open(config.queue.path, exclusive=False)
+        store = await open_queue(config.queue, daemon=False)
         try:
             now = time.time()
             stats = await store.stats(now)
@@ -289,7 +289,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def run() -> int:
-        store = await Store.open(config.queue.path, exclusive=False)
+        store = await open_queue(config.queue, daemon=False)
         try:
             return await _dead_letter_action(store, args)
         finally:
@@ -298,7 +298,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def _dead_letter_action(store: Store, args: argparse.Namespace) -> int:
+async def _dead_letter_action(store: Queue, args: argparse.Namespace) -> int:
     now = time.time()
     if args.action == "list":
         for d in await store.dead_letters(limit=args.limit, reason=args.reason):

@@ -123,6 +123,34 @@ def _url(value: Any, key: str) -> str:
     return text.rstrip("/")
 
 
+def redact_url(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url.split("://", 1)[0] + "://***" if "@" in url else url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def _postgres_url(value: Any, key: str) -> str:
+    text: str = _str(nonempty=True)(value, key)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid URL ({exc}): {redact_url(text)!r}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{key}: must be a postgresql:// URL (postgresql://user:password@host:5432/db), "
+            f"got {redact_url(text)!r}"
+        )
+    return text
+
+
 def _str_list(*, nonempty: bool = False) -> Converter:
     def conv(value: Any, key: str) -> tuple[str, ...]:
         if not isinstance(value, list):
@@ -211,13 +239,27 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """The durable SQLite queue."""
+    """The durable queue: a SQLite file (`path`), or a PostgreSQL database that several
+    relays share (`url`)."""
 
     path: str = _opt(_str(nonempty=True), "./relay-data/queue.db")
+    url: str = _opt(_postgres_url, "")
     synchronous: str = _opt(_choice("full", "normal"), "full")
     dedup_window_s: float = _opt(_duration(0, 30 * 86400), 86400.0, "dedup_window")
     max_pending: int = _opt(_int(1, 10**10), 10_000_000)
     max_size: int = _opt(_int(0, 2**50), 0)
+    # PostgreSQL: how long a relay's hold on its users' buckets lasts unrenewed.
+    lease_s: float = _opt(_duration(3, 600), 15.0, "lease")
+    pool_size: int = _opt(_int(2, 100), 8)
+
+
+def _queue(value: Any, key: str) -> QueueConfig:
+    if isinstance(value, Mapping) and "path" in value and "url" in value:
+        raise ConfigError(
+            f"{key}.path and {key}.url: set one of them, not both (path: a SQLite file on "
+            "this VM; url: a PostgreSQL database that several relays share)"
+        )
+    return build(QueueConfig, value, key)
 
 
 @dataclass(frozen=True)
@@ -339,7 +381,7 @@ class Config:
 
     sources: tuple[SourceConfig, ...] = field(metadata={"conv": _sources, "key": None})
     server: ServerConfig = _sub(ServerConfig)
-    queue: QueueConfig = _sub(QueueConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig, metadata={"conv": _queue, "key": None})
     destination: DestinationConfig = _sub(DestinationConfig)
     sessions: SessionsConfig = _sub(SessionsConfig)
     mapping: MappingConfig = _sub(MappingConfig)

@@ -19,19 +19,21 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from .batching import Coverage, Selection, durable_delay, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
-from .errors import MappingError, PermanentSendError, TransientSendError
+from .errors import MappingError, PermanentSendError, StoreError, TransientSendError
 from .infinario import CommandResult, CredentialsError, Outcome, api_style, cut
 from .limits import ProjectLimits
 from .mapping import Command, MappingSettings, map_message, mapping_settings
 from .metrics import Metrics
+from .queue.protocol import Queue, Retry
 from .records import Failure, QueuedMessage
 from .senders import HttpSender, Sender
-from .store import Store
 from .waiting import first_set
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 IDLE_POLL_S = 5.0
+# How soon the forwarder tries again when the queue's database cannot be reached.
+QUEUE_RETRY_S = 1.0
 Items = list[tuple[QueuedMessage, Command]]
 
 
@@ -40,6 +42,8 @@ class ForwarderState:
     """What /ready and the watchdog read about the forwarder."""
 
     credentials_error: str | None = None
+    # Why the queue could not be read (its database unreachable), until a read works again.
+    queue_error: str | None = None
     paused_until: float = 0.0
     # time.monotonic() of the run loop's latest turn: the watchdog pings only while it moves.
     heartbeat: float = field(default_factory=time.monotonic)
@@ -54,7 +58,7 @@ class Forwarder:
 
     def __init__(
         self,
-        store: Store,
+        store: Queue,
         sender: Sender,
         config: DestinationConfig,
         mapping: MappingSettings,
@@ -88,6 +92,8 @@ class Forwarder:
         self._lingering: tuple[float, int] | None = None
         # Due rows read ahead for the next batches (see _from_prefetched).
         self._prefetched: list[QueuedMessage] = []
+        # The queue's claims when the rows were read ahead (see Queue.claims).
+        self._claims = store.claims
         # The earliest retry time in the queue, as last read (see _idle_wait).
         self._next_retry: float | None = None
         # Counts the starts and ends of retry writes. The earliest retry is known while the
@@ -119,13 +125,30 @@ class Forwarder:
         try:
             while not stop.is_set():
                 self.state.heartbeat = time.monotonic()
-                wait_s = await self.dispatch()
+                wait_s = await self._dispatch_or_wait_for_queue()
                 if self.max_wait_s is not None:
                     wait_s = self.max_wait_s if wait_s is None else min(wait_s, self.max_wait_s)
                 await self._wait(stop, wait_s)
         finally:
             await self.finish(self.grace_s)
             self._stopped.set()
+
+    async def _dispatch_or_wait_for_queue(self) -> float | None:
+        """dispatch(); while the queue's database cannot be reached, how long to wait before
+        trying again (the messages stay queued; nothing is lost)."""
+        try:
+            wait_s = await self.dispatch()
+        except StoreError as exc:
+            if self.state.queue_error is None:
+                log.warning(
+                    "forwarding waits for the queue: %s", exc, extra={"action": "queue_down"}
+                )
+            self.state.queue_error = str(exc)
+            return QUEUE_RETRY_S
+        if self.state.queue_error is not None:
+            log.info("forwarding again", extra={"action": "queue_up"})
+            self.state.queue_error = None
+        return wait_s
 
     async def stopped(self) -> None:
         """Wait until run() has stopped and its batches are settled."""
@@ -260,6 +283,10 @@ class Forwarder:
         later in order, so they are read next time.
         Anything short of a full batch is decided on a fresh read, as if nothing were ahead.
         """
+        if self._claims != self.store.claims:
+            # A lease was lost or given up: what was read ahead may be another relay's now.
+            self._claims = self.store.claims
+            self._prefetched = []
         if not self._prefetched:
             return None
         busy = self._busy_users
@@ -329,16 +356,16 @@ class Forwarder:
 
     def _show(
         self,
-        acked: Sequence[int],
-        retry: Sequence[tuple[int, float, str, bool]],
+        acked: Sequence[QueuedMessage],
+        retry: Sequence[Retry],
         dead: Sequence[tuple[QueuedMessage, Failure]],
     ) -> None:
         """Tell the debugger where these messages are now."""
         assert self.feed is not None
-        for seq in acked:
-            self.feed.state(self._ids.pop(seq, ""), "sent")
-        for seq, _, error, _ in retry:
-            self.feed.state(self._ids.pop(seq, ""), "retrying", error)
+        for row in acked:
+            self.feed.state(self._ids.pop(row.seq, ""), "sent")
+        for row, _, error, _ in retry:
+            self.feed.state(self._ids.pop(row.seq, ""), "retrying", error)
         for row, failure in dead:
             self._ids.pop(row.seq, None)
             self.feed.state(row.message_id, "dead-lettered", f"{failure.reason}: {failure.detail}")
@@ -352,7 +379,7 @@ class Forwarder:
                 if row.type.startswith("session_") and row.attempts == 0:
                     self.feed.received(row.source, row.message)
         to_send: list[tuple[QueuedMessage, Command]] = []
-        skipped: list[int] = []
+        skipped: list[QueuedMessage] = []
         dead: list[tuple[QueuedMessage, Failure]] = []
         names: list[tuple[str, str]] = []
         for row in batch:
@@ -363,7 +390,7 @@ class Forwarder:
                 continue
             if command is None:
                 self.metrics.messages_skipped.labels(row.type).inc()
-                skipped.append(row.seq)
+                skipped.append(row)
                 continue
             if command.dropped_keys:
                 self.metrics.dropped_keys.labels(command.event_type or "customer").inc(
@@ -411,14 +438,14 @@ class Forwarder:
 
     async def _settle(self, items: Items, results: list[CommandResult]) -> set[str]:
         now = self.clock()
-        acked: list[int] = []
-        retry: list[tuple[int, float, str, bool]] = []
+        acked: list[QueuedMessage] = []
+        retry: list[Retry] = []
         dead: list[tuple[QueuedMessage, Failure]] = []
         held: set[str] = set()
         order_lost = 0
         for (row, _), result in zip(items, results, strict=True):
             if result.outcome is Outcome.OK:
-                acked.append(row.seq)
+                acked.append(row)
                 # The destination took this one after asking to retry an earlier one of the
                 # same user: that user's order is lost (never for customer updates, which
                 # are not batched with their user's later commands).
@@ -427,7 +454,7 @@ class Forwarder:
                 held.add(row.user_key)
                 retry.append(
                     (
-                        row.seq,
+                        row,
                         now + self.config.retry.command_retry_s,
                         "destination asked to retry",
                         False,
@@ -462,7 +489,7 @@ class Forwarder:
             delay = durable_delay(row.attempts + 1, self.config.retry)
             if exc.retry_after_s is not None:
                 delay = max(delay, exc.retry_after_s)
-            retry.append((row.seq, now + delay, cut(str(exc), 500), True))
+            retry.append((row, now + delay, cut(str(exc), 500), True))
         self.metrics.commands_retried.labels("transient").inc(len(retry))
         log.warning(
             "batch of %d to be retried: %s", len(items), exc, extra={"action": "batch_retry"}
@@ -483,7 +510,7 @@ class Forwarder:
         return {row.user_key for row, _ in items}
 
     async def _hold(self, items: Items, until: float, reason: str) -> None:
-        retry = [(row.seq, until, cut(reason, 500), False) for row, _ in items]
+        retry = [(row, until, cut(reason, 500), False) for row, _ in items]
         await self._write(retry=retry, now=self.clock())
 
     async def _split(self, items: Items, exc: PermanentSendError) -> set[str]:
@@ -511,8 +538,8 @@ class Forwarder:
     async def _write(
         self,
         *,
-        acked: Sequence[int] = (),
-        retry: Sequence[tuple[int, float, str, bool]] = (),
+        acked: Sequence[QueuedMessage] = (),
+        retry: Sequence[Retry] = (),
         dead: Sequence[tuple[QueuedMessage, Failure]] = (),
         names: Sequence[tuple[str, str]] = (),
         now: float,
@@ -540,6 +567,16 @@ class Forwarder:
             with contextlib.suppress(Exception):
                 await task
             raise
+        except StoreError as exc:
+            # The queue's database went away: these messages stay queued as they were and
+            # are sent again (at least once), in their users' order, after what was read.
+            self._prefetched = []
+            log.warning(
+                "the outcome of %d messages could not be written, they will be sent again: %s",
+                len(acked) + len(retry) + len(dead),
+                exc,
+                extra={"action": "outcome_not_written"},
+            )
         finally:
             if retry:
                 # Once written: an earliest retry read meanwhile may not know these.

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def add_routes(app: web.Application, relay: web.Application) -> None:
         return web.json_response({"ready": True})
 
     async def metrics(request: web.Request) -> web.Response:
-        await refresh_gauges(relay)
+        with contextlib.suppress(StoreError):  # the queue's gauges keep their last values
+            await refresh_gauges(relay)
         body = generate_latest(relay[METRICS].registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -50,8 +51,8 @@ def not_ready(app: web.Application) -> list[str]:
         reasons.append("shutting down")
     if STORE not in app:
         reasons.append("the queue is not open")
-    elif app[STORE].full_error:
-        reasons.append(f"the queue is full: {app[STORE].full_error}")
+    elif problem := app[STORE].unavailable:
+        reasons.append(problem)
     if FORWARDER in app and app[FORWARDER].state.credentials_error:
         reasons.append(f"destination credentials refused: {app[FORWARDER].state.credentials_error}")
     return reasons

@@ -24,6 +24,7 @@ from .config import Config, SourceConfig
 from .debugger import DebugFeed
 from .errors import StoreError, StoreFullError
 from .metrics import Metrics
+from .queue.protocol import Queue
 from .records import NewMessage
 from .segment import (
     PATH_TYPES,
@@ -34,7 +35,6 @@ from .segment import (
     user_key,
     validate,
 )
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Receiver:
     # Set when the relay begins to stop: calls get 503 + Retry-After from then on.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Attached when the store opens (at app start-up, after the routes are frozen).
-    store: Store = field(init=False)
+    store: Queue = field(init=False)
     # The live debugger, when it is on.
     feed: DebugFeed | None = None
 

@@ -88,10 +88,16 @@ class QueuedMessage(NamedTuple):
     next_attempt_at: float
     first_attempt_at: float | None
     last_error: str | None
+    # The epoch of the lease under which it was claimed (docs/queue.md, "Several relays"):
+    # its outcome is written only while that lease is still this process's. 0 for SQLite,
+    # where one process owns the whole queue.
+    lease: int = 0
 
     @classmethod
-    def from_row(cls, row: Sequence[Any]) -> QueuedMessage:
-        return cls._make(row)
+    def claimed(cls, row: Sequence[Any], lease: int) -> QueuedMessage:
+        """A row of the due query (the fields above, in order, but `lease`), claimed under
+        `lease`."""
+        return cls._make((*row, lease))
 
     @property
     def message(self) -> dict[str, Any]:
@@ -144,6 +150,19 @@ class Failure:
     detail: str = ""
     response_status: int | None = None
     response_body: str | None = None
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A relay process sharing a PostgreSQL queue (`segment-relay status`)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+    # The buckets of users whose messages it forwards (docs/queue.md, "Several relays").
+    buckets: list[int]
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,18 @@ from .appkeys import (
 )
 from .config import Config, build
 from .debugger import DebugFeed
+from .errors import StoreError
 from .forward import Forwarder
 from .infinario import api_style
 from .limits import ProjectLimits
 from .mapping import mapping_settings
 from .metrics import Metrics
 from .notify import Notifier
+from .queue import open_queue
 from .receive import Receiver
 from .senders import DryRunSender, HttpSender, Sender
 from .session_timer import SessionTimer
 from .sessions import SessionRules
-from .store import Store
 from .testing import FakeInfinario
 from .waiting import first_set
 
@@ -87,7 +88,7 @@ def create_app(
     app[NOTIFIER] = Notifier(environ)
     app[RECEIVER] = Receiver(config, app[METRICS], clock, app[STOPPING])
     app[RECEIVER].add_routes(app)
-    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(functools.partial(_store_ctx, forwarding=forward))
     app.cleanup_ctx.append(functools.partial(_maintenance_ctx, clock=clock))
     if config.sessions.enabled and session_timer:
         app.cleanup_ctx.append(functools.partial(_session_timer_ctx, clock=clock))
@@ -102,22 +103,19 @@ def create_app(
     return app
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _store_ctx(app: web.Application, *, forwarding: bool) -> AsyncIterator[None]:
     config = app[CONFIG]
     q, s = config.queue, config.sessions
-    app[STORE] = await Store.open(
-        q.path,
-        synchronous=q.synchronous,
-        dedup_window_s=q.dedup_window_s,
-        max_pending=q.max_pending,
-        max_size=q.max_size,
+    app[STORE] = await open_queue(
+        q,
         sessions=SessionRules.of(s.idle_timeout_s, s.event_types) if s.enabled else None,
         session_cache=s.cache_size,
+        forwarding=forwarding,
     )
     app[RECEIVER].store = app[STORE]
     log.info(
         "queue open at %s with %d messages pending",
-        q.path,
+        app[STORE].where,
         app[STORE].pending_count,
         extra={"action": "store_open"},
     )
@@ -179,7 +177,11 @@ async def _maintenance_ctx(
 
     async def prune(stop: asyncio.Event) -> None:
         while not stop.is_set():
-            forgotten = await app[STORE].prune_dedup(clock())
+            try:
+                forgotten = await app[STORE].prune_dedup(clock())
+            except StoreError as exc:
+                log.warning("cannot prune message ids: %s", exc, extra={"action": "queue_down"})
+                forgotten = 0
             if forgotten:
                 log.info(
                     "forgot %d message ids past the dedup window",

@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from .store import Store
+from .errors import StoreError
+from .queue.protocol import Queue
 from .waiting import first_set
 
 log = logging.getLogger(__name__)
 POLL_S = 60.0
+QUEUE_RETRY_S = 5.0
 BATCH = 1000
 
 
@@ -24,7 +26,7 @@ class SessionTimer:
     """Closes idle sessions through the store, on the injected wall clock."""
 
     def __init__(
-        self, store: Store, clock: Callable[[], float] = time.time, poll_s: float = POLL_S
+        self, store: Queue, clock: Callable[[], float] = time.time, poll_s: float = POLL_S
     ) -> None:
         self.store = store
         self.clock = clock
@@ -53,8 +55,13 @@ class SessionTimer:
         changed = self.store.expiry.changed
         while not stop.is_set():
             self.store.expiry.watch(None)
-            await self.tick()
-            deadline = await self.store.next_session_expiry()
+            try:
+                await self.tick()
+                deadline = await self.store.next_session_expiry()
+            except StoreError as exc:
+                # The queue's database went away: the sessions wait there; try again soon.
+                log.warning("cannot close idle sessions: %s", exc, extra={"action": "queue_down"})
+                deadline = self.clock() + QUEUE_RETRY_S
             while not stop.is_set():
                 self.store.expiry.watch(deadline)
                 timeout = (

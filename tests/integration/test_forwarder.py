@@ -14,8 +14,8 @@ import pytest
 
 from segment_relay.config import Config
 from segment_relay.forward import IDLE_POLL_S
+from segment_relay.queue.sqlite import SqliteQueue
 from segment_relay.service import FORWARDER, METRICS, STORE
-from segment_relay.store import Store
 from segment_relay.testing import FakeInfinario, Reply, random_faults
 from support import Server, make_config, post, running_fake, running_relay
 
@@ -274,7 +274,7 @@ async def test_a_dead_letter_replayed_meanwhile_is_found_while_a_backlog_is_in_f
         assert (await post(relay.url, "/v1/track", track("x", 1)))[0] == 200
         await relay.app[FORWARDER].drain(until_empty=False)
         await hold_backlog(relay, fake)
-        cli = await Store.open(queue_path, exclusive=False)
+        cli = await SqliteQueue.open(queue_path, exclusive=False)
         try:
             [dead] = await cli.dead_letters()
             assert await cli.replay([dead.id], time.time()) == 1

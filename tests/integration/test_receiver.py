@@ -16,8 +16,8 @@ import orjson
 import pytest
 from segment.analytics import Client
 
+from segment_relay.queue.protocol import Queue
 from segment_relay.service import STORE
-from segment_relay.store import Store
 from support import (
     AUTH,
     NODE_DIR,
@@ -32,7 +32,7 @@ from support import (
 WHEN = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
-async def queued(store: Store) -> list[dict[str, Any]]:
+async def queued(store: Queue) -> list[dict[str, Any]]:
     """The client calls in the queue (session events, which page/screen add, left out)."""
     rows = await store.due(time.time() + 1, (), 10_000)
     return [orjson.loads(r.body) for r in rows if not r.type.startswith("session_")]
@@ -387,7 +387,7 @@ async def test_a_full_queue_answers_503_keeps_what_it_has_and_recovers(queue_pat
         assert len(await queued(store)) == accepted
         # The forwarder delivers and frees pages: the receiver takes calls again by itself.
         rows = await store.due(time.time() + 1, (), 10)
-        await store.settle(acked=[r.seq for r in rows], now=time.time())
+        await store.settle(acked=rows, now=time.time())
         assert (await raw(relay.url, "/v1/track", again, AUTH))[:2] == (200, {"success": True})
         assert len(await queued(store)) == accepted - 10 + 1
 

@@ -118,3 +118,28 @@ def test_forwarding_needs_a_token_but_dry_run_does_not() -> None:
     v2 = parse_config(MINIMAL + "destination: {api: exponea, project_token: T}", environ={})
     with pytest.raises(ConfigError, match=r"^destination\.api_key: required"):
         v2.check_destination()
+
+
+def test_queue_url_takes_the_password_from_the_environment() -> None:
+    text = MINIMAL + "queue: {url: 'postgresql://relay:${DB_PASSWORD}@db:5432/relay', lease: 20s}\n"
+    config = parse_config(text, environ={"DB_PASSWORD": "pw"})
+    assert (config.queue.url, config.queue.lease_s) == ("postgresql://relay:pw@db:5432/relay", 20)
+
+
+@pytest.mark.parametrize(
+    ("queue", "message"),
+    [
+        (
+            "{path: /var/lib/q.db, url: 'postgresql://db/relay'}",
+            "queue.path and queue.url: set one of them, not both",
+        ),
+        ("{url: 'mysql://u:hunter2@db/relay'}", "queue.url: must be a postgresql:// URL"),
+        ("{url: 'postgresql://u:hunter2@db:port/relay'}", "queue.url: not a valid URL"),
+        ("{lease: 1s}", "queue.lease: must be between 3s and 600s"),
+    ],
+)
+def test_queue_errors_name_the_key_and_never_the_password(queue: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + f"queue: {queue}\n", environ={})
+    assert message in str(caught.value)
+    assert "hunter2" not in str(caught.value)

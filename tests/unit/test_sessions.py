@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from segment_relay.session_rows import SessionCache
+from segment_relay.queue.session_rows import SessionCache
 from segment_relay.sessions import Activity, SessionEvent, SessionRules, SessionState
 
 RULES = SessionRules.of(1800, ["page", "screen", "Video Played"])

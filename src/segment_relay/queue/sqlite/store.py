@@ -1,43 +1,45 @@
-"""The SQLite queue: the only module that runs SQL (kept by name in `sql/queries.sql`).
+"""The SQLite queue: one relay process on one VM (docs/queue.md).
 
-Accepted calls are committed here before the receiver answers 200. Concurrent requests share
-one transaction (group commit: whatever is pending is committed as soon as the previous commit
-is done), so a hop to the SQLite thread is paid per transaction, not per message. The
-forwarder reads due rows in acceptance order and acks, reschedules or dead-letters them.
+The only module of this backend that runs SQL (kept by name in `queries.sql`; the schema is
+in `migrations/`). Accepted calls are committed here before the receiver answers 200, in
+group commits (queue/ingest.py), so a hop to the SQLite thread is paid per transaction, not
+per message. The forwarder reads due rows in acceptance order and acks, reschedules or
+dead-letters them. One process owns the file (lockfile.py), so every claim is its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
 
-from .errors import StoreError, StoreFullError
+from ...errors import StoreError, StoreFullError
+from ...records import (
+    DeadLetter,
+    DueRead,
+    Failure,
+    Instance,
+    NewMessage,
+    QueuedMessage,
+    QueueStats,
+)
+from ...sessions import Activity, SessionEvent, SessionRules, SessionState
+from .. import migrations
+from ..ingest import Committed, GroupCommit
+from ..protocol import Retry
+from ..queries import load_queries
+from ..session_rows import Expansion, SessionCache, expand, session_activities
 from .lockfile import LockFile
-from .records import DeadLetter, DueRead, Failure, NewMessage, QueuedMessage, QueueStats
-from .session_rows import Expansion, ExpiryWatch, SessionCache, expand, session_activities
-from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
-Group = tuple[list[NewMessage], "asyncio.Future[int]"]
 T = TypeVar("T")
-
-
-def _load_queries() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("sql/queries.sql").read_text("utf-8")
-    parts = re.split(r"^-- name: (\w+)\n", text, flags=re.MULTILINE)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-Q = _load_queries()
+Q = load_queries(__package__)
+MIGRATIONS = migrations.load(__package__)
 # How the statement `commit_sessions` says that it refused a commit (see session_commit).
 _REFUSED = "segment-relay: "
 
@@ -64,10 +66,11 @@ async def _connect(
         if max_size:
             [(page_size,)] = await conn.execute_fetchall("PRAGMA page_size")
             await conn.execute(f"PRAGMA max_page_count={max(1, max_size // int(page_size))}")
-        schema = resources.files(__package__).joinpath("sql/schema.sql").read_text("utf-8")
-        await conn.executescript(schema)
-        await conn.commit()
+        await conn._execute(_migrate, conn._conn, str(db_path))  # type: ignore[no-untyped-call]  # noqa: SLF001
         [(pending,)] = await conn.execute_fetchall(Q["count_messages"])
+    except StoreError:
+        await conn.close()
+        raise
     except sqlite3.DatabaseError as exc:
         await conn.close()
         if "readonly" in str(exc) or "read-only" in str(exc):
@@ -80,6 +83,43 @@ async def _connect(
             "move it aside to start with an empty queue, or restore it from a backup"
         ) from exc
     return conn, int(pending)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration script, whole (a trigger's body included)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in current.splitlines()
+    ):
+        raise RuntimeError(f"an incomplete statement ends a migration: {current[:80]!r}")
+    return statements
+
+
+def _migrate(raw: sqlite3.Connection, where: str) -> None:
+    """Bring the schema up to date (see queue/migrations.py), on the SQLite thread.
+
+    BEGIN IMMEDIATE is the lock: a second process waits (busy_timeout) and then finds the
+    version already recorded. The version is SQLite's user_version, written in the same
+    transaction. A file made before versions existed reads 0: migration 1 creates only what
+    is missing (IF NOT EXISTS), so such a file keeps its rows and goes on from there.
+    """
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        [(version,)] = raw.execute("PRAGMA user_version").fetchall()
+        for migration in migrations.pending(MIGRATIONS, int(version), where):
+            for statement in _statements(migration.sql):
+                raw.execute(statement)
+            raw.execute(f"PRAGMA user_version = {migration.version}")
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
 
 
 def _insert(raw: sqlite3.Connection, rows: list[NewMessage], array: str) -> tuple[int, int]:
@@ -106,13 +146,15 @@ def _transaction(raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
     return result
 
 
-class Store:
-    """The durable queue. Open with `await Store.open(...)`, close with `await store.close()`."""
+class SqliteQueue(GroupCommit):
+    """The SQLite queue (a Queue, see queue/protocol.py). Open with `await
+    SqliteQueue.open(...)`, close with `await queue.close()`."""
 
     def __init__(
         self,
         conn: aiosqlite.Connection,
         reader: aiosqlite.Connection,
+        path: Path,
         lock: LockFile | None,
         *,
         dedup_window_s: float,
@@ -125,26 +167,12 @@ class Store:
         # operator's reads on the other, so they never wait behind a commit (WAL lets both run).
         self._conn = conn
         self._reader = reader
+        super().__init__(max_pending=max_pending, pending=pending)
+        self._path = path
         self._lock = lock
         self._rules = sessions
         self._cache = SessionCache(session_cache)
         self._dedup_window_s = dedup_window_s
-        self._max_pending = max_pending
-        self._pending_count = pending
-        self._queue: list[Group] = []
-        self._queued = asyncio.Event()
-        self._committer: asyncio.Task[None] | None = None
-        self._closing = False
-        # Set after every commit that stored something: the forwarder waits on it.
-        self.new_work = asyncio.Event()
-        # Wakes the session timer for a session that expires before its deadline.
-        self.expiry = ExpiryWatch()
-        # Why the latest commit failed for lack of room (None once one succeeds): /ready.
-        self.full_error: str | None = None
-        self.sessions_started = 0
-        self.sessions_ended = 0
-        # Commits with session activity, and those that read the sessions (the cache missed).
-        self.session_commits = self.session_commits_read = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -160,14 +188,15 @@ class Store:
         sessions: SessionRules | None = None,
         session_cache: int = 10_000,
         max_size: int = 0,
-    ) -> Store:
+    ) -> SqliteQueue:
         """Open (creating it and its directory when missing) the queue at `path`.
 
         `session_cache`: how many sessions to hold on the event loop (see SessionCache).
 
         `exclusive` takes the daemon's lock: a second process that asks for it gets StoreError.
         `max_size` caps the file (bytes); past it commits fail as a full disk would.
-        Raises StoreError when the file is not a usable database.
+        Raises StoreError when the file is not a usable database, or was upgraded by a newer
+        relay.
         """
         db_path = Path(path)
         try:
@@ -190,6 +219,7 @@ class Store:
         store = cls(
             conn,
             reader,
+            db_path,
             lock,
             dedup_window_s=dedup_window_s,
             max_pending=max_pending,
@@ -197,19 +227,24 @@ class Store:
             sessions=sessions,
             session_cache=session_cache,
         )
-        store._committer = asyncio.create_task(store._commit_loop(), name="store-group-commit")
+        store._start_committer()
         return store
+
+    @property
+    def where(self) -> str:
+        return str(self._path)
+
+    @property
+    def claims(self) -> int:
+        """Always 0: this process owns the whole queue."""
+        return 0
 
     async def close(self) -> None:
         """Commit what is queued, stop the committer and close the database."""
-        self._closing = True
-        self._queued.set()
         try:
-            if self._committer is not None:
-                await self._committer
+            await self._stop_committer()
         finally:
             # Whatever happened above, the SQLite thread must stop or the process cannot exit.
-            self._committer = None
             await self._conn.close()
             await self._reader.close()
             if self._lock:
@@ -223,7 +258,7 @@ class Store:
         `own_transaction`: `fn` commits its writes itself (a single statement commits by
         itself, or it calls `_transaction`).
 
-        One hop per transaction (design.md section 8): under load each hop waits for a turn of
+        One hop per transaction (docs/queue.md, "SQLite"): under load each hop waits for a turn of
         the event loop, so a transaction of several awaited statements costs several turns.
         aiosqlite runs the functions it is given one at a time on its own thread, so these
         transactions never interleave; reads through the async API see them whole.
@@ -248,77 +283,18 @@ class Store:
 
     # --- ingest: group commit -------------------------------------------------------------------
 
-    async def enqueue(self, messages: list[NewMessage]) -> int:
-        """Commit `messages` durably; return how many were new (not duplicates).
+    def _commit_error(self, exc: Exception) -> StoreError:
+        if _is_full(exc):
+            return StoreFullError(f"the queue database is full: {exc}")
+        return StoreError(str(exc))
 
-        Returns only after the transaction holding them committed. Raises StoreFullError when
-        the queue is over `max_pending` or SQLite reports the disk full.
-        """
-        if not messages:
-            return 0
-        if self._closing:
-            raise StoreError("the queue is closing")
-        if self._pending_count + len(messages) > self._max_pending:
-            raise StoreFullError(
-                f"the queue holds {self._pending_count} messages (queue.max_pending)"
-            )
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((messages, future))
-        self._queued.set()
-        # A cancelled request (client gone) cancels only its future: the commit goes on, and
-        # the committer skips futures that are already done.
-        return await future
-
-    async def _commit_loop(self) -> None:
-        while True:
-            await self._queued.wait()
-            self._queued.clear()
-            groups, self._queue = self._queue, []
-            if groups:
-                await self._commit_groups(groups)
-            if self._closing and not self._queue:
-                return
-
-    async def _commit_groups(self, groups: list[Group]) -> None:
-        try:
-            # The sessions are written with the messages, in one transaction (see `_commit`).
-            counts, session_rows, started, earliest = await self._commit(groups)
-        except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
-            error = (
-                StoreFullError(f"the queue database is full: {exc}")
-                if _is_full(exc)
-                else StoreError(str(exc))
-            )
-            log.error(  # noqa: TRY400 - a full disk needs no traceback
-                "queue commit failed: %s", exc, extra={"action": "commit_failed"}
-            )
-            self.full_error = str(exc) if _is_full(exc) else None
-            for _, future in groups:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        self.full_error = None
-        for (_, future), count in zip(groups, counts, strict=True):
-            if not future.done():
-                future.set_result(count)
-        self._pending_count += sum(counts) + session_rows
-        self.sessions_started += started
-        self.sessions_ended += session_rows - started
-        if started and earliest is not None:
-            self.expiry.opened(earliest)
-        if sum(counts) or session_rows:
-            self.new_work.set()
-
-    async def _commit(self, groups: list[Group]) -> tuple[list[int], int, int, float | None]:
+    async def _commit(self, batches: list[list[NewMessage]]) -> Committed:
         """Store the groups' messages with the session events they cause, in one transaction.
 
         Without session activity it is one statement. With it, see `_session_write`. Either
         way it is one hop to the SQLite thread: under load each hop waits for a turn of the
         busy event loop.
-        Returns each request's count of new messages, the session rows, the sessions started
-        and the earliest expiry among the sessions written.
         """
-        batches = [ms for ms, _ in groups]
         activities = session_activities([m for ms in batches for m in ms]) if self._rules else {}
         if activities:
             self.session_commits += 1
@@ -350,7 +326,7 @@ class Store:
             stored = {id(m) for m in rows if (m.source, m.message_id) in new}
         counts = [sum(id(m) in stored for m in messages) for messages in batches]
         earliest = min((s.expires_at for s in expansion.changed), default=None)
-        return counts, session_rows, expansion.started, earliest
+        return Committed(counts, session_rows, expansion.started, earliest)
 
     def _session_write(
         self, batches: list[list[NewMessage]], activities: dict[int, Activity]
@@ -360,7 +336,7 @@ class Store:
         The rules run here, on the event loop, on the sessions the cache holds (a user it
         does not hold is taken to have none), and the SQLite thread runs one statement. That
         statement refuses the commit if a session is not as assumed or a messageId is a
-        repeat (see `session_commit` in schema.sql); the sessions and repeats are then read
+        repeat (see `session_commit` in migrations/); the sessions and repeats are then read
         in a transaction on that thread and the rules run again there, on what was read.
         """
         rules = self._rules
@@ -452,12 +428,9 @@ class Store:
 
         users = await self._write(expire)
         self._cache.forget(users)
-        closed = len(users)
-        self.sessions_ended += closed
-        if closed:
-            self._pending_count += closed
-            self.new_work.set()
-        return closed
+        self.sessions_ended += len(users)
+        self._added(len(users))
+        return len(users)
 
     async def session_stats(self) -> tuple[int, float | None]:
         """Open sessions and the earliest wall-clock expiry among them."""
@@ -487,7 +460,9 @@ class Store:
         found, highest, replayed = await self._one(
             "due_messages", {"now": now, "busy": busy, "limit": limit, "after": after}
         )
-        rows = [QueuedMessage.from_row(r) for r in sorted(orjson.loads(found), key=lambda r: r[0])]
+        rows = [
+            QueuedMessage.claimed(r, 0) for r in sorted(orjson.loads(found), key=lambda r: r[0])
+        ]
         looked = rows[-1].seq if len(rows) >= limit else int(highest)
         return DueRead(rows, looked, int(replayed))
 
@@ -499,8 +474,8 @@ class Store:
     async def settle(
         self,
         *,
-        acked: Iterable[int] = (),
-        retry: Iterable[tuple[int, float, str, bool]] = (),
+        acked: Iterable[QueuedMessage] = (),
+        retry: Iterable[Retry] = (),
         dead: Iterable[tuple[QueuedMessage, Failure]] = (),
         now: float,
         counters: dict[str, int] | None = None,
@@ -508,13 +483,13 @@ class Store:
     ) -> None:
         """Write the outcome of a send in one transaction.
 
-        `acked`: seqs delivered (deleted). `retry`: (seq, next_attempt_at, error,
+        `acked`: messages delivered (deleted). `retry`: (message, next_attempt_at, error,
         counts_attempt). `dead`: messages moved to the dead-letter table. `counters` are added
         to the persistent counters and `names` (kind, name) to the project's known names, in the
         same transaction.
         """
-        acked_seqs = list(acked)
-        retry_rows = [[seq, at, error, int(counts)] for seq, at, error, counts in retry]
+        acked_seqs = [m.seq for m in acked]
+        retry_rows = [[m.seq, at, error, int(counts)] for m, at, error, counts in retry]
         dead_rows = [
             [m.seq, f.reason, f.detail, f.response_status, f.response_body] for m, f in dead
         ]
@@ -528,8 +503,7 @@ class Store:
         )
         # One statement (the `settle` trigger does the rest): one step of SQLite, autocommit.
         await self._write(lambda raw: raw.execute(Q["settle"], settlement), own_transaction=True)
-        gone = len(acked_seqs) + len(dead_rows)
-        self._pending_count -= gone
+        self._removed(len(acked_seqs) + len(dead_rows))
 
     async def project_names(self) -> list[tuple[str, str]]:
         """(kind, name) of every event type and customer property key sent to the project."""
@@ -538,10 +512,9 @@ class Store:
 
     # --- inspection and administration ----------------------------------------------------------
 
-    @property
-    def pending_count(self) -> int:
-        """Messages in the queue, as counted by this process."""
-        return self._pending_count
+    async def instances(self) -> list[Instance]:
+        """None: one process owns a SQLite queue."""
+        return []
 
     async def stats(self, now: float) -> QueueStats:
         """Queue depth, backoff, oldest message, dead letters by reason, persistent counters."""
@@ -582,8 +555,8 @@ class Store:
             return moved
 
         moved = await self._write(replay)
-        self._pending_count += moved
-        self.new_work.set()
+        self._added(moved)
+        self.new_work.set()  # the forwarder looks again even if none moved
         return moved
 
     async def purge_dead_letters(self, older_than: float) -> int:

@@ -1,4 +1,4 @@
--- segment-relay queries, loaded by name by store.py (the only module that runs them).
+-- The SQLite queue's queries, loaded by name by store.py (the only module that runs them).
 -- Each query starts with a line "-- name: NAME".
 
 -- name: insert_messages
@@ -6,14 +6,16 @@
 -- [source, message_id, user_key, type, body, received_at, dedup_since]. One statement is one
 -- step of SQLite's C code, so the SQLite thread gives up and takes back Python's lock once per
 -- commit instead of once per row (under load that wait was most of a commit's time).
--- A message is stored unless its messageId was accepted from the same source within the
--- dedup window (the trigger messages_dedup records it). The statement does not see its own
--- trigger's rows: repeats within one array are removed by the caller.
+-- A Segment call is stored unless its messageId was accepted from the same source within the
+-- dedup window (the trigger messages_dedup records it); the relay's session events always
+-- are. The statement does not see its own trigger's rows: repeats within one array are
+-- removed by the caller.
 INSERT INTO messages (source, message_id, user_key, type, body, received_at)
 SELECT json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),
        json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]')
 FROM json_each(?) AS j
-WHERE NOT EXISTS (
+WHERE json_extract(j.value, '$[3]') IN ('session_start', 'session_end')
+   OR NOT EXISTS (
     SELECT 1 FROM dedup
     WHERE source = json_extract(j.value, '$[0]') AND message_id = json_extract(j.value, '$[1]')
       AND received_at >= json_extract(j.value, '$[6]')
@@ -60,7 +62,7 @@ FROM (
 SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0;
 
 -- name: settle
--- See the trigger `settle` in schema.sql.
+-- See the trigger `settle` in migrations/0001_initial.sql.
 INSERT INTO settlements (acked, retry, dead, names, counters, now) VALUES (?, ?, ?, ?, ?, ?);
 
 -- name: project_names
@@ -135,5 +137,5 @@ DELETE FROM dead_letters WHERE id = ?;
 DELETE FROM dead_letters WHERE last_attempt_at < ?;
 
 -- name: commit_sessions
--- See the trigger `session_commit` in schema.sql.
+-- See the trigger `session_commit` in migrations/0002_session_events_skip_dedup.sql.
 INSERT INTO session_commits (assumed, sessions, messages) VALUES (?, ?, ?);

@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import StoreError
+from ...errors import StoreError
 
 
 class LockFile:

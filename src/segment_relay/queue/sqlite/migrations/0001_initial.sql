@@ -1,4 +1,6 @@
--- segment-relay queue schema. Applied at every start; every statement is idempotent.
+-- segment-relay queue schema, version 1: the schema of the releases before schema versions.
+-- Every statement creates only what is missing, so that a queue made by those releases
+-- (user_version 0) is taken as it is and upgraded from here.
 
 -- Accepted Segment calls (and the relay's own session events) waiting to be forwarded.
 -- `seq` is the acceptance order: forwarding follows it per user.

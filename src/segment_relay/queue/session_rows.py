@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
-from .records import NewMessage
-from .sessions import Activity, SessionRules, SessionState
+from ..records import NewMessage
+from ..sessions import Activity, SessionRules, SessionState
 
 
 class Expansion(NamedTuple):

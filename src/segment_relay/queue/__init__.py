@@ -1,0 +1,49 @@
+"""The queue seam (docs/queue.md): `open_queue` picks the backend the config names.
+
+`queue.path`: the SQLite queue (queue/sqlite), one relay process on one VM.
+`queue.url`: the PostgreSQL queue (queue/postgres), shared by any number of relays.
+"""
+
+from __future__ import annotations
+
+from ..config import QueueConfig
+from ..sessions import SessionRules
+from .postgres import PostgresQueue
+from .protocol import Queue
+from .sqlite import SqliteQueue
+
+__all__ = ["Queue", "open_queue"]
+
+
+async def open_queue(
+    config: QueueConfig,
+    *,
+    sessions: SessionRules | None = None,
+    session_cache: int = 10_000,
+    daemon: bool = True,
+    forwarding: bool = True,
+) -> Queue:
+    """Open the queue `config` names.
+
+    `daemon`: this process is the relay (SQLite: it takes the file's lock; PostgreSQL: it
+    joins the relays sharing the database). A command that only reads or administers the
+    queue (`status`, `dead-letters`) passes False. `forwarding`: it forwards (PostgreSQL: it
+    takes a share of the users' buckets). Raises StoreError when the queue cannot be used.
+    """
+    if config.url:
+        return await PostgresQueue.open(
+            config,
+            sessions=sessions,
+            member=daemon,
+            forwarding=daemon and forwarding,
+        )
+    return await SqliteQueue.open(
+        config.path,
+        synchronous=config.synchronous,
+        dedup_window_s=config.dedup_window_s,
+        max_pending=config.max_pending,
+        max_size=config.max_size,
+        exclusive=daemon,
+        sessions=sessions,
+        session_cache=session_cache,
+    )

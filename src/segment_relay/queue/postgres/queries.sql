@@ -1,0 +1,232 @@
+-- The PostgreSQL queue's queries, loaded by name by store.py (the only module that runs them).
+-- Each query starts with a line "-- name: NAME". Arrays come in as parameters and are
+-- unnested, so that a group commit or a settlement is one statement per table.
+
+-- name: schema_version
+SELECT COALESCE(MAX(version), 0) FROM segment_relay_schema;
+
+-- name: insert_calls
+-- A group commit without session activity, in one statement: the messageIds new within the
+-- dedup window are recorded (a messageId accepted before within the window is left out, also
+-- when another relay's transaction has it: the insert waits for that one to end), and the
+-- calls with those are stored in acceptance order. Dedup rows are inserted sorted, so that
+-- two relays' commits cannot deadlock on them. Returns the stored (source, message_id).
+WITH input AS (
+    SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::float8[])
+        WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+), new AS (
+    INSERT INTO dedup AS d (source, message_id, received_at)
+    SELECT source, message_id, received_at FROM input ORDER BY source, message_id
+    ON CONFLICT (source, message_id) DO UPDATE SET received_at = excluded.received_at
+    WHERE d.received_at < excluded.received_at - $8
+    RETURNING source, message_id
+)
+INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
+SELECT i.bucket, i.source, i.message_id, i.user_key, i.type, i.body, i.received_at
+FROM input AS i JOIN new USING (source, message_id)
+ORDER BY i.ord
+RETURNING source, message_id;
+
+-- name: record_ids
+-- The dedup step of insert_calls alone, for a commit with session activity (whose rules need
+-- to know which calls are repeats before its rows are made).
+INSERT INTO dedup AS d (source, message_id, received_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) AS t(source, message_id, received_at)
+ORDER BY source, message_id
+ON CONFLICT (source, message_id) DO UPDATE SET received_at = excluded.received_at
+WHERE d.received_at < excluded.received_at - $4
+RETURNING source, message_id;
+
+-- name: insert_messages
+INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
+SELECT bucket, source, message_id, user_key, type, body, received_at
+FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::float8[]) WITH ORDINALITY
+    AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+ORDER BY ord;
+
+-- name: lock_users
+-- Orders concurrent commits of the same users across relays (a user without a session row
+-- has no row to lock yet). Taken in one order, so two commits cannot deadlock.
+SELECT pg_advisory_xact_lock(hashtextextended(u, 0)) FROM unnest($1::text[]) AS u ORDER BY u;
+
+-- name: lock_sessions
+SELECT user_key, source, started_at, last_activity, expires_at, ids, context
+FROM sessions WHERE user_key = ANY($1::text[]) ORDER BY user_key FOR UPDATE;
+
+-- name: save_sessions
+INSERT INTO sessions (user_key, bucket, source, started_at, last_activity, expires_at, ids, context)
+SELECT * FROM unnest($1::text[], $2::smallint[], $3::text[], $4::float8[], $5::float8[],
+                     $6::float8[], $7::text[], $8::text[])
+ON CONFLICT (user_key) DO UPDATE SET
+    source = excluded.source, started_at = excluded.started_at,
+    last_activity = excluded.last_activity, expires_at = excluded.expires_at,
+    ids = excluded.ids, context = excluded.context;
+
+-- name: count_messages
+SELECT COUNT(*) FROM messages;
+
+-- name: due_messages
+-- Due: in a bucket this relay holds (checked against the lease, on the database's clock), its
+-- retry time has come, no earlier message of its user waits for a retry, and its user has no
+-- batch in flight here ($4). Each row comes with the epoch of its bucket's lease: its outcome
+-- is written only while that lease is still this relay's.
+SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, m.attempts,
+       m.next_attempt_at, m.first_attempt_at, m.last_error, l.epoch
+FROM messages AS m JOIN leases AS l ON l.bucket = m.bucket
+WHERE l.owner = $1 AND l.expires_at > now() AND m.bucket = ANY($2::smallint[])
+  AND m.next_attempt_at <= $3
+  AND NOT (m.user_key = ANY($4::text[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM messages AS earlier
+      WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
+        AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > $3
+  )
+ORDER BY m.seq
+LIMIT $5;
+
+-- name: next_retry_at
+SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0 AND bucket = ANY($1::smallint[]);
+
+-- name: fence
+-- The buckets whose lease is still this relay's under the given epochs, locked until the
+-- transaction ends so that no other relay can take them over meanwhile.
+SELECT l.bucket FROM leases AS l
+JOIN unnest($2::smallint[], $3::bigint[]) AS c(bucket, epoch) ON c.bucket = l.bucket
+WHERE l.owner = $1 AND l.epoch = c.epoch
+FOR SHARE OF l;
+
+-- name: bury
+INSERT INTO dead_letters (seq, bucket, source, message_id, user_key, type, body, received_at,
+                          reason, detail, response_status, response_body, attempts,
+                          first_attempt_at, last_attempt_at)
+SELECT m.seq, m.bucket, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
+       d.reason, d.detail, d.status, d.response, m.attempts + 1,
+       COALESCE(m.first_attempt_at, $6), $6
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[]) WITH ORDINALITY
+    AS d(seq, reason, detail, status, response, ord)
+JOIN messages AS m ON m.seq = d.seq
+ORDER BY d.ord;
+
+-- name: delete_messages
+DELETE FROM messages WHERE seq = ANY($1::bigint[]);
+
+-- name: reschedule
+UPDATE messages AS m
+SET next_attempt_at = r.at, last_error = r.error, attempts = m.attempts + r.counts,
+    first_attempt_at = COALESCE(m.first_attempt_at, $5)
+FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::int[]) AS r(seq, at, error, counts)
+WHERE m.seq = r.seq;
+
+-- name: add_names
+INSERT INTO project_names (kind, name)
+SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING;
+
+-- name: add_counters
+INSERT INTO counters (name, owner, value)
+SELECT n, $3, v FROM unnest($1::text[], $2::bigint[]) AS t(n, v)
+ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value;
+
+-- name: project_names
+SELECT kind, name FROM project_names;
+
+-- name: prune_dedup
+DELETE FROM dedup WHERE received_at < $1;
+
+-- name: expired_sessions
+-- Sessions idle at $3 in the buckets this relay holds (fenced by the caller); a session a
+-- commit is extending now is skipped, and closed at a later tick if still idle.
+SELECT user_key, source, started_at, last_activity, expires_at, ids, context, bucket
+FROM sessions WHERE bucket = ANY($1::smallint[]) AND expires_at <= $2
+ORDER BY expires_at LIMIT $3
+FOR UPDATE SKIP LOCKED;
+
+-- name: delete_sessions
+DELETE FROM sessions WHERE user_key = ANY($1::text[]);
+
+-- name: session_stats
+SELECT (SELECT COUNT(*) FROM sessions),
+       (SELECT MIN(expires_at) FROM sessions WHERE bucket = ANY($1::smallint[]));
+
+-- name: queue_stats
+SELECT COUNT(*), COUNT(*) FILTER (WHERE next_attempt_at > $1), MIN(received_at) FROM messages;
+
+-- name: dead_letter_counts
+SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason;
+
+-- name: counters
+SELECT name, SUM(value)::bigint FROM counters GROUP BY name;
+
+-- name: dead_letters
+SELECT id, seq, source, message_id, user_key, type, body, received_at, reason, detail,
+       response_status, response_body, attempts, first_attempt_at, last_attempt_at
+FROM dead_letters
+WHERE ($1::text IS NULL OR reason = $1) AND id > $2
+ORDER BY id LIMIT $3;
+
+-- name: dead_letter
+SELECT id, seq, source, message_id, user_key, type, body, received_at, reason, detail,
+       response_status, response_body, attempts, first_attempt_at, last_attempt_at
+FROM dead_letters WHERE id = $1;
+
+-- name: replay
+-- A replayed dead letter goes back under its original seq, so it keeps its place in its
+-- user's order; its attempts and its max_age clock start again.
+WITH moved AS (
+    DELETE FROM dead_letters WHERE id = ANY($1::bigint[])
+    RETURNING seq, bucket, source, message_id, user_key, type, body
+)
+INSERT INTO messages (seq, bucket, source, message_id, user_key, type, body, received_at)
+SELECT seq, bucket, source, message_id, user_key, type, body, $2 FROM moved ORDER BY seq;
+
+-- name: purge_dead_letters
+DELETE FROM dead_letters WHERE last_attempt_at < $1;
+
+-- name: join
+-- This relay joins (or renews its membership), on the database's clock.
+INSERT INTO instances (id, host, pid, forwarding, expires_at)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+ON CONFLICT (id) DO UPDATE SET seen_at = now(), expires_at = excluded.expires_at;
+
+-- name: leave
+-- A relay that stops gives its buckets up at once, so that the others need not wait for the
+-- leases to run out.
+WITH gone AS (DELETE FROM instances WHERE id = $1)
+UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1;
+
+-- name: renew
+UPDATE leases SET expires_at = now() + make_interval(secs => $2)
+WHERE owner = $1
+RETURNING bucket, epoch;
+
+-- name: forwarders
+-- How many live relays share the buckets.
+SELECT COUNT(*) FROM instances WHERE forwarding AND expires_at > now();
+
+-- name: acquire
+-- Up to $3 buckets that no live relay holds (free, or not renewed in time) become this
+-- relay's, each under a new epoch.
+UPDATE leases AS l
+SET owner = $1, epoch = l.epoch + 1, expires_at = now() + make_interval(secs => $2)
+WHERE l.bucket IN (
+    SELECT bucket FROM leases
+    WHERE owner IS NULL OR expires_at <= now()
+    ORDER BY bucket LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING l.bucket, l.epoch;
+
+-- name: release
+UPDATE leases SET owner = NULL, expires_at = '-infinity'
+WHERE owner = $1 AND bucket = ANY($2::smallint[]);
+
+-- name: instances
+SELECT i.id, i.host, i.pid, extract(epoch FROM i.started_at)::float8,
+       extract(epoch FROM i.seen_at)::float8,
+       COALESCE(array_agg(l.bucket ORDER BY l.bucket)
+                FILTER (WHERE l.bucket IS NOT NULL), '{}')
+FROM instances AS i
+LEFT JOIN leases AS l ON l.owner = i.id AND l.expires_at > now()
+WHERE i.expires_at > now()
+GROUP BY i.id ORDER BY i.started_at, i.id;

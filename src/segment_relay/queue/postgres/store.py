@@ -1,0 +1,577 @@
+"""The PostgreSQL queue: any number of relays on one database (docs/queue.md).
+
+The only module of this backend that runs SQL (kept by name in `queries.sql`; the schema is
+in `migrations/`). Every relay accepts calls: group commits (queue/ingest.py) insert them with
+their dedup rows and session events, whichever relay takes them. Forwarding is partitioned:
+users hash into buckets (leases.py), each leased to one live relay, which alone reads its
+users' messages, writes their outcomes and closes their sessions, each such write fenced by
+the lease's epoch. A relay that dies stops renewing; after `queue.lease` the others take its
+buckets over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ...config import QueueConfig, redact_url
+from ...errors import StoreError, StoreFullError
+from ...records import (
+    DeadLetter,
+    DueRead,
+    Failure,
+    Instance,
+    NewMessage,
+    QueuedMessage,
+    QueueStats,
+)
+from ...sessions import Activity, SessionEvent, SessionRules, SessionState
+from ...waiting import first_set
+from .. import migrations
+from ..ingest import Committed, GroupCommit
+from ..protocol import Retry
+from ..queries import load_queries
+from ..session_rows import Expansion, expand, session_activities
+from .leases import BUCKETS, Leases, bucket_of, share
+
+log = logging.getLogger(__name__)
+Q = load_queries(__package__)
+MIGRATIONS = migrations.load(__package__)
+SESSION_TYPES = frozenset({"session_start", "session_end"})
+# Any key will do, so long as every release takes the same one: the migration lock.
+MIGRATION_LOCK = 0x5E6_4E1A
+# What a lost or refused connection raises: the relay answers 503 and carries on.
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+)
+_LOGIN = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+def _columns(rows: Sequence[NewMessage]) -> tuple[list[Any], ...]:
+    """`rows` as the arrays of insert_messages / insert_calls."""
+    return (
+        [bucket_of(m.user_key) for m in rows],
+        [m.source for m in rows],
+        [m.message_id for m in rows],
+        [m.user_key for m in rows],
+        [m.type for m in rows],
+        [m.body for m in rows],
+        [m.received_at for m in rows],
+    )
+
+
+def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
+    return (
+        [s.user_key for s in states],
+        [bucket_of(s.user_key) for s in states],
+        [s.source for s in states],
+        [s.started_at for s in states],
+        [s.last_activity for s in states],
+        [s.expires_at for s in states],
+        [orjson.dumps(s.ids).decode() for s in states],
+        [s.context for s in states],
+    )
+
+
+async def _connect(config: QueueConfig) -> asyncpg.Pool:
+    where = redact_url(config.url)
+    try:
+        pool = await asyncpg.create_pool(
+            config.url,
+            min_size=1,
+            max_size=config.pool_size,
+            timeout=10,
+            server_settings={"application_name": "segment-relay"},
+        )
+    except _LOGIN as exc:
+        raise StoreError(f"queue.url: the database refused {where}: {exc}") from exc
+    except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+        raise StoreError(f"queue.url: cannot connect to {where}: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+async def _migrate(conn: asyncpg.Connection, where: str) -> None:
+    """Bring the schema up to date (queue/migrations.py) in one transaction, under an
+    advisory lock, so that relays starting together apply each migration once."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS segment_relay_schema ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        version = await conn.fetchval(Q["schema_version"])
+        for migration in migrations.pending(MIGRATIONS, int(version), where):
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO segment_relay_schema (version) VALUES ($1)", migration.version
+            )
+            log.info(
+                "queue schema upgraded to version %d (%s)",
+                migration.version,
+                migration.name,
+                extra={"action": "schema_upgraded"},
+            )
+
+
+class PostgresQueue(GroupCommit):
+    """The PostgreSQL queue (a Queue, see queue/protocol.py). Open with `await
+    PostgresQueue.open(config)`, close with `await queue.close()`."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        config: QueueConfig,
+        *,
+        pending: int,
+        sessions: SessionRules | None,
+        member: bool,
+        forwarding: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(max_pending=config.max_pending, pending=pending)
+        # The monotonic clock the leases are trusted by (injected by tests).
+        self._clock = clock
+        self._pool = pool
+        self._where = redact_url(config.url)
+        self._rules = sessions
+        self._dedup_window_s = config.dedup_window_s
+        self._member = member
+        self._forwarding = forwarding
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._leases = Leases(config.lease_s)
+        self._keeper: asyncio.Task[None] | None = None
+        self._stop_keeping = asyncio.Event()
+        # Why the database could not be used, from the latest operation that failed (None
+        # once one succeeds): /ready.
+        self._down: str | None = None
+        # Outcomes and session ends not written because the lease had passed to another relay.
+        self.fenced = 0
+
+    @classmethod
+    async def open(
+        cls,
+        config: QueueConfig,
+        *,
+        sessions: SessionRules | None = None,
+        member: bool = True,
+        forwarding: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> PostgresQueue:
+        """Connect, upgrade the schema and, for a relay (`member`), join the relays sharing
+        the database and take a share of the buckets (`forwarding`).
+
+        Raises StoreError naming queue.url (never its password) when the database cannot be
+        reached or refuses the login, or was upgraded by a newer relay.
+        """
+        pool = await _connect(config)
+        where = redact_url(config.url)
+        try:
+            async with pool.acquire() as conn:
+                await _migrate(conn, where)
+                pending = await conn.fetchval(Q["count_messages"])
+        except BaseException:
+            await pool.close()
+            raise
+        queue = cls(
+            pool,
+            config,
+            pending=int(pending),
+            sessions=sessions,
+            member=member,
+            forwarding=forwarding,
+            clock=clock,
+        )
+        if member:
+            await queue.renew(first=True)
+            queue._keeper = asyncio.create_task(queue._keep_leases(), name="queue-leases")
+        queue._start_committer()
+        return queue
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    @property
+    def unavailable(self) -> str | None:
+        return self._down or self.commit_error
+
+    @property
+    def session_rules(self) -> SessionRules | None:
+        return self._rules
+
+    @property
+    def claims(self) -> int:
+        """Changes whenever messages read before may no longer be this relay's to send."""
+        return self._leases.changes
+
+    async def close(self) -> None:
+        """Commit what is queued, give the buckets up at once, close the connections."""
+        try:
+            await self._stop_committer()
+            self._stop_keeping.set()
+            if self._keeper is not None:
+                await self._keeper
+            if self._member:
+                with contextlib.suppress(StoreError):
+                    async with self._connection() as conn:
+                        await conn.execute(Q["leave"], self.instance_id)
+                self._leases.lose_all()
+        finally:
+            await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool; a lost or refused one raises StoreError (the relay
+        answers 503 and retries) and is remembered for /ready until one works again."""
+        try:
+            async with self._pool.acquire(timeout=10) as conn:
+                yield conn
+        except _UNREACHABLE as exc:
+            self._down = f"the queue database {self._where} cannot be reached: {exc}"
+            raise StoreError(self._down) from exc
+        self._down = None
+
+    # --- ingest ---------------------------------------------------------------------------------
+
+    def _commit_error(self, exc: Exception) -> StoreError:
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, asyncpg.DiskFullError):
+            return StoreFullError(f"the queue database is full: {exc}")
+        return StoreError(f"the queue database {self._where} refused the commit: {exc}")
+
+    async def _commit(self, batches: list[list[NewMessage]]) -> Committed:
+        """Store the groups' messages with their session events in one transaction.
+
+        Without session activity it is one statement (insert_calls). With it, the users'
+        sessions are locked and read, the rules run, and the rows and sessions are written,
+        in one transaction: a user's calls taken by two relays at once are applied one after
+        the other.
+        """
+        messages = [m for ms in batches for m in ms]
+        activities = session_activities(messages) if self._rules else {}
+        calls = NewMessage.without_repeats(messages)
+        async with self._connection() as conn:
+            if activities:
+                async with conn.transaction():
+                    expansion, new = await self._session_commit(conn, batches, activities, calls)
+            else:
+                expansion = Expansion([(ms, 0) for ms in batches], [], 0)
+                stored = await conn.fetch(Q["insert_calls"], *_columns(calls), self._dedup_window_s)
+                new = {(r[0], r[1]) for r in stored}
+        stored_ids = {id(m) for m in calls if (m.source, m.message_id) in new}
+        counts = [sum(id(m) in stored_ids for m in ms) for ms in batches]
+        session_rows = sum(n for _, n in expansion.groups)
+        earliest = min((s.expires_at for s in expansion.changed), default=None)
+        return Committed(counts, session_rows, expansion.started, earliest)
+
+    async def _session_commit(
+        self,
+        conn: asyncpg.Connection,
+        batches: list[list[NewMessage]],
+        activities: dict[int, Activity],
+        calls: list[NewMessage],
+    ) -> tuple[Expansion, set[tuple[str, str]]]:
+        """A commit with session activity, inside its transaction; returns the expansion and
+        the (source, messageId) of the calls that were new."""
+        rules = self._rules
+        assert rules is not None  # there is session activity
+        self.session_commits += 1
+        self.session_commits_read += 1
+        users = sorted({a.user_key for a in activities.values()})
+        await conn.execute(Q["lock_users"], users)
+        recorded = await conn.fetch(
+            Q["record_ids"],
+            [m.source for m in calls],
+            [m.message_id for m in calls],
+            [m.received_at for m in calls],
+            self._dedup_window_s,
+        )
+        new = {(r[0], r[1]) for r in recorded}
+        states = {
+            r[0]: SessionState.from_row(r) for r in await conn.fetch(Q["lock_sessions"], users)
+        }
+        seen = {(m.source, m.message_id) for m in calls} - new
+        expansion = expand(rules, batches, activities, seen, states)
+        rows: list[NewMessage] = []
+        taken: set[tuple[str, str]] = set()
+        for group, _ in expansion.groups:
+            for m in group:
+                key = (m.source, m.message_id)
+                if m.type in SESSION_TYPES or (key in new and key not in taken):
+                    taken.add(key)
+                    rows.append(m)
+        await conn.execute(Q["insert_messages"], *_columns(rows))
+        if expansion.changed:
+            await conn.execute(Q["save_sessions"], *_session_columns(expansion.changed))
+        return expansion, new
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases (and take or give up buckets) every third of `queue.lease`."""
+        interval = self._leases.lease_s / 3
+        while not self._stop_keeping.is_set():
+            await first_set(self._stop_keeping, timeout_s=interval)
+            if not self._stop_keeping.is_set():
+                await self.renew()
+
+    async def renew(self, *, first: bool = False) -> None:
+        """One renewal: membership, leases held, a fair share taken or given up. (The
+        `first`, at start, wakes nobody: the forwarder and the session timer start after.)"""
+        sent_at = self._clock()
+        lease_s = self._leases.lease_s
+        gained: list[int] = []
+        released: list[int] = []
+        try:
+            async with self._connection() as conn:
+                await conn.execute(
+                    Q["join"],
+                    self.instance_id,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self._forwarding,
+                    lease_s,
+                )
+                held = await conn.fetch(Q["renew"], self.instance_id, lease_s)
+                lost = self._leases.renewed(((r[0], r[1]) for r in held), sent_at)
+                if self._forwarding:
+                    target = share(BUCKETS, await conn.fetchval(Q["forwarders"]))
+                    if len(self._leases.held) < target:
+                        taken = await conn.fetch(
+                            Q["acquire"],
+                            self.instance_id,
+                            lease_s,
+                            target - len(self._leases.held),
+                        )
+                        gained = self._leases.gained((r[0], r[1]) for r in taken)
+                    elif len(self._leases.held) > target:
+                        self._leases.drain(target, self._clock())
+                    released = self._leases.to_release(self._clock(), lease_s / 3)
+                    if released:
+                        await conn.execute(Q["release"], self.instance_id, released)
+                self._pending_count = int(await conn.fetchval(Q["count_messages"]))
+        except StoreError as exc:
+            if not self._leases.expired(self._clock()):
+                log.warning("cannot renew the leases: %s", exc, extra={"action": "lease_failed"})
+            return
+        if lost:
+            log.warning("lost buckets %s to another relay", lost, extra={"action": "buckets_lost"})
+        if gained or released:
+            log.info(
+                "buckets: took %s, gave up %s; holding %d",
+                gained,
+                released,
+                len(self._leases.held),
+                extra={"action": "buckets_changed"},
+            )
+        if gained and not first:
+            # Their messages and sessions are this relay's now: the forwarder and the session
+            # timer look at once.
+            self.new_work.set()
+            self.expiry.opened(0.0)
+
+    def _usable(self) -> list[int]:
+        return self._leases.usable(self._clock())
+
+    async def _fence(
+        self, conn: asyncpg.Connection, claims: Iterable[tuple[int, int]]
+    ) -> set[tuple[int, int]]:
+        """The (bucket, epoch) of `claims` still this relay's, locked to the transaction's end."""
+        pairs = sorted(set(claims))
+        if not pairs:
+            return set()
+        found = await conn.fetch(
+            Q["fence"], self.instance_id, [b for b, _ in pairs], [e for _, e in pairs]
+        )
+        held = {r[0] for r in found}
+        return {(b, e) for b, e in pairs if b in held}
+
+    # --- forwarding -----------------------------------------------------------------------------
+
+    async def due(self, now: float, busy_users: Iterable[str], limit: int) -> list[QueuedMessage]:
+        return (await self.read_due(now, busy_users, limit)).rows
+
+    async def read_due(
+        self, now: float, busy_users: Iterable[str], limit: int, after: int = 0
+    ) -> DueRead:
+        """The due messages of this relay's buckets. `after` is not used: sequence values are
+        not in commit order, so every read starts from the beginning (`looked` is 0)."""
+        buckets = self._usable()
+        if not buckets:
+            return DueRead([], 0, 0)
+        async with self._connection() as conn:
+            found = await conn.fetch(
+                Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit
+            )
+        return DueRead([QueuedMessage.claimed(r[:11], r[11]) for r in found], 0, 0)
+
+    async def next_retry_at(self) -> float | None:
+        async with self._connection() as conn:
+            earliest = await conn.fetchval(Q["next_retry_at"], self._usable())
+        return None if earliest is None else float(earliest)
+
+    async def settle(
+        self,
+        *,
+        acked: Iterable[QueuedMessage] = (),
+        retry: Iterable[Retry] = (),
+        dead: Iterable[tuple[QueuedMessage, Failure]] = (),
+        now: float,
+        counters: dict[str, int] | None = None,
+        names: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Write the outcome of a send in one transaction, for the messages whose lease is
+        still this relay's (the others are its new owner's to send again)."""
+        acked, retry, dead = list(acked), list(retry), list(dead)
+        names = list(names)
+        claimed = [*acked, *(r[0] for r in retry), *(m for m, _ in dead)]
+
+        def mine(m: QueuedMessage, valid: set[tuple[int, int]]) -> bool:
+            return (bucket_of(m.user_key), m.lease) in valid
+
+        async with self._connection() as conn, conn.transaction():
+            valid = await self._fence(conn, ((bucket_of(m.user_key), m.lease) for m in claimed))
+            gone_acked = [m.seq for m in acked if mine(m, valid)]
+            retry = [r for r in retry if mine(r[0], valid)]
+            dead = [(m, f) for m, f in dead if mine(m, valid)]
+            if dead:
+                await conn.execute(
+                    Q["bury"],
+                    [m.seq for m, _ in dead],
+                    [f.reason for _, f in dead],
+                    [f.detail for _, f in dead],
+                    [f.response_status for _, f in dead],
+                    [f.response_body for _, f in dead],
+                    now,
+                )
+            if gone_acked or dead:
+                await conn.execute(Q["delete_messages"], [*gone_acked, *(m.seq for m, _ in dead)])
+            if retry:
+                await conn.execute(
+                    Q["reschedule"],
+                    [m.seq for m, _, _, _ in retry],
+                    [at for _, at, _, _ in retry],
+                    [error for _, _, error, _ in retry],
+                    [int(counts) for _, _, _, counts in retry],
+                    now,
+                )
+            if names:
+                await conn.execute(Q["add_names"], [k for k, _ in names], [n for _, n in names])
+            if counters:
+                await conn.execute(
+                    Q["add_counters"], list(counters), list(counters.values()), self.instance_id
+                )
+        fenced = len(claimed) - len(gone_acked) - len(retry) - len(dead)
+        if fenced:
+            self.fenced += fenced
+            log.warning(
+                "the outcome of %d messages was not written: their bucket's lease passed to "
+                "another relay, which sends them again",
+                fenced,
+                extra={"action": "outcome_fenced"},
+            )
+        self._removed(len(gone_acked) + len(dead))
+
+    async def project_names(self) -> list[tuple[str, str]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["project_names"])
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    async def expire_sessions(self, now: float, limit: int = 1000) -> int:
+        """Close up to `limit` idle sessions of this relay's buckets, each session_end queued
+        in the transaction that deletes the session (so it is queued exactly once)."""
+        held = dict(self._leases.held)
+        if not held or self._leases.expired(self._clock()):
+            return 0
+        async with self._connection() as conn, conn.transaction():
+            valid = await self._fence(conn, held.items())
+            if not valid:
+                return 0
+            found = await conn.fetch(Q["expired_sessions"], sorted(b for b, _ in valid), now, limit)
+            due = [SessionState.from_row(r) for r in found]
+            rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
+            if rows:
+                await conn.execute(Q["insert_messages"], *_columns(rows))
+                await conn.execute(Q["delete_sessions"], [s.user_key for s in due])
+        self.sessions_ended += len(due)
+        self._added(len(due))
+        return len(due)
+
+    async def session_stats(self) -> tuple[int, float | None]:
+        async with self._connection() as conn:
+            count, earliest = await conn.fetchrow(Q["session_stats"], self._usable())
+        return int(count), None if earliest is None else float(earliest)
+
+    async def next_session_expiry(self) -> float | None:
+        return (await self.session_stats())[1]
+
+    # --- inspection and administration ----------------------------------------------------------
+
+    async def stats(self, now: float) -> QueueStats:
+        async with self._connection() as conn:
+            pending, in_backoff, oldest = await conn.fetchrow(Q["queue_stats"], now)
+            dead = await conn.fetch(Q["dead_letter_counts"])
+            counters = await conn.fetch(Q["counters"])
+        return QueueStats(
+            int(pending),
+            int(in_backoff),
+            oldest,
+            {str(r[0]): int(r[1]) for r in dead},
+            {str(r[0]): int(r[1]) for r in counters},
+        )
+
+    async def instances(self) -> list[Instance]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["instances"])
+        return [Instance(r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in rows]
+
+    async def dead_letters(
+        self, limit: int = 100, reason: str | None = None, after: int = 0
+    ) -> list[DeadLetter]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["dead_letters"], reason, after, limit)
+        return [DeadLetter.from_row(tuple(r)) for r in rows]
+
+    async def dead_letter(self, dead_id: int) -> DeadLetter | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(Q["dead_letter"], dead_id)
+        return None if row is None else DeadLetter.from_row(tuple(row))
+
+    async def replay(self, dead_ids: Iterable[int], now: float) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute(Q["replay"], list(dead_ids), now)
+        moved = int(status.split()[-1])
+        self._added(moved)
+        self.new_work.set()
+        return moved
+
+    async def purge_dead_letters(self, older_than: float) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute(Q["purge_dead_letters"], older_than)
+        return int(status.split()[-1])
+
+    async def prune_dedup(self, now: float) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute(Q["prune_dedup"], now - self._dedup_window_s)
+        return int(status.split()[-1])
