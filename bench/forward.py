@@ -83,7 +83,8 @@ async def drain_with_daemon(tmp: Path, db: Path, count: int) -> tuple[float, flo
     return count / took, peak
 
 
-async def drain_bare(db: Path, count: int) -> float:
+async def drain_bare(db: Path | str, count: int) -> float:
+    """The bare loop draining the queue `db` (a SQLite file or a PostgreSQL URL): events/s."""
     fake = FakeInfinario(record=False)
     runner, url = await start_fake(fake)
     try:

@@ -69,7 +69,10 @@ def config_dict(queue_path: Path, base_url: str, **sections: Any) -> dict[str, A
             },
         },
     }
-    return deep_merge(base, sections)
+    merged = deep_merge(base, sections)
+    if "url" in merged["queue"]:  # the PostgreSQL queue instead
+        del merged["queue"]["path"]
+    return merged
 
 
 def make_config(queue_path: Path, base_url: str, **sections: Any) -> Config:
@@ -329,10 +332,17 @@ async def postgres_database() -> AsyncIterator[str]:
     name = f"segment_relay_test_{os.getpid()}_{next(_DATABASES)}"
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
         yield database_url(name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        # A new connection: a test may have restarted the server meanwhile.
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=30)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 _DATABASES = itertools.count()

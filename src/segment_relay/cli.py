@@ -213,9 +213,11 @@ def _status(args: argparse.Namespace) -> int:
             now = time.time()
             stats = await store.stats(now)
             open_sessions, next_expiry = await store.session_stats()
+            instances = await store.instances()
         finally:
             await store.close()
         return {
+            "queue": store.where,
             "pending": stats.pending,
             "in_backoff": stats.in_backoff,
             "oldest_pending_age_s": None
@@ -227,6 +229,17 @@ def _status(args: argparse.Namespace) -> int:
             "next_session_expiry_in_s": None
             if next_expiry is None
             else round(next_expiry - now, 3),
+            "instances": [
+                {
+                    "id": i.id,
+                    "host": i.host,
+                    "pid": i.pid,
+                    "up_s": round(now - i.started_at, 1),
+                    "seen_s_ago": round(now - i.seen_at, 1),
+                    "buckets": i.buckets,
+                }
+                for i in instances
+            ],
         }
 
     report = asyncio.run(read())
@@ -234,7 +247,7 @@ def _status(args: argparse.Namespace) -> int:
         print(orjson.dumps(report).decode())
     else:
         age = report["oldest_pending_age_s"]
-        print(f"queue {config.queue.path}")
+        print(f"queue {report['queue']}")
         print(f"  pending messages:   {report['pending']}")
         print(f"  waiting to retry:   {report['in_backoff']}")
         print(f"  oldest pending age: {'-' if age is None else f'{age:.1f}s'}")
@@ -248,7 +261,25 @@ def _status(args: argparse.Namespace) -> int:
             f"  dead letters:       {sum(dead.values())}"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(dead.items()))})" if dead else "")
         )
+        if config.queue.url:
+            print(f"  relays:             {len(report['instances'])}")
+            for i in report["instances"]:
+                print(
+                    f"    {i['id']} (pid {i['pid']} on {i['host']}, up {i['up_s']:.0f}s): "
+                    f"{len(i['buckets'])} buckets {_ranges(i['buckets'])}"
+                )
     return 0
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    for n in numbers:
+        if parts and n == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{n}"
+        else:
+            parts.append(str(n))
+    return ",".join(parts)
 
 
 def _fake(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from segment_relay.segment import parse_time
 from segment_relay.service import FORWARDER, STORE
 from segment_relay.session_timer import SessionTimer
 from segment_relay.testing import FakeInfinario
-from support import CONFORMANCE, make_config, post, running_fake, running_relay
+from support import CONFORMANCE, make_config, post, postgres_database, running_fake, running_relay
 
 SEQUENCES: list[dict[str, Any]] = json.loads((CONFORMANCE / "sessions.json").read_text())[
     "sequences"
@@ -66,22 +67,31 @@ def check(received: list[dict[str, Any]], expected: list[dict[str, Any]], api: s
             assert got["properties"][key] == pytest.approx(value, abs=1e-6), key
 
 
-# With the session cache each commit's rules run on the event loop; without it, on the
-# sessions read in the commit's transaction.
-@pytest.mark.parametrize("cache_size", [10_000, 0], ids=["cache", "no-cache"])
+# SQLite: with the session cache each commit's rules run on the event loop; without it, on
+# the sessions read in the commit's transaction. PostgreSQL: on the sessions the commit locks.
+@pytest.mark.parametrize("queue", ["sqlite-cache", "sqlite-no-cache", "postgres"])
 @pytest.mark.parametrize("api", ["infinario", "exponea"])
 @pytest.mark.parametrize("sequence", SEQUENCES, ids=[s["name"] for s in SEQUENCES])
-async def test_sequence(
-    sequence: dict[str, Any], api: str, cache_size: int, tmp_path: Path
+async def test_sequence(sequence: dict[str, Any], api: str, queue: str, tmp_path: Path) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        queue_config: dict[str, Any] = {"path": str(tmp_path / "q.db")}
+        if queue == "postgres":
+            queue_config = {"url": await stack.enter_async_context(postgres_database())}
+        await run_sequence(sequence, api, queue_config, 0 if queue == "sqlite-no-cache" else 10_000)
+
+
+async def run_sequence(
+    sequence: dict[str, Any], api: str, queue_config: dict[str, Any], cache_size: int
 ) -> None:
     clock = Clock()
     timeout = sequence["idle_timeout_s"]
     config_extra = {
         "sessions": {"enabled": True, "idle_timeout": timeout, "cache_size": cache_size},
         "destination": {"api": api, "api_key": "KEY"},
+        "queue": queue_config,
     }
     async with running_fake(FakeInfinario(api_key="KEY")) as (fake, api_server):
-        config = make_config(tmp_path / "q.db", api_server.url, **config_extra)
+        config = make_config(Path(), api_server.url, **config_extra)
         async with running_relay(config, clock=clock, session_timer=False) as relay:
             timer = SessionTimer(relay.app[STORE], clock)
             for step in sequence["steps"]:
