@@ -227,7 +227,7 @@ async def failover_once(url: str, tmp: Path) -> float:
                     break
                 await asyncio.sleep(0.1)
             a_owner = await conn.fetchval(
-                "SELECT owner FROM instances WHERE pid = $1", procs[0].pid
+                "SELECT id FROM instances WHERE pid = $1", procs[0].pid
             )
             a_buckets = {
                 r[0]

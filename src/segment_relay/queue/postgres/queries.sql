@@ -92,41 +92,60 @@ SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0 AND bucket =
 -- name: fence
 -- The buckets whose lease is still this relay's under the given epochs, locked until the
 -- transaction ends so that no other relay can take them over meanwhile.
-SELECT l.bucket FROM leases AS l
+SELECT l.bucket, l.epoch FROM leases AS l
 JOIN unnest($2::smallint[], $3::bigint[]) AS c(bucket, epoch) ON c.bucket = l.bucket
 WHERE l.owner = $1 AND l.epoch = c.epoch
+ORDER BY l.bucket
 FOR SHARE OF l;
 
--- name: bury
-INSERT INTO dead_letters (seq, bucket, source, message_id, user_key, type, body, received_at,
-                          reason, detail, response_status, response_body, attempts,
-                          first_attempt_at, last_attempt_at)
-SELECT m.seq, m.bucket, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
-       d.reason, d.detail, d.status, d.response, m.attempts + 1,
-       COALESCE(m.first_attempt_at, $6), $6
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[]) WITH ORDINALITY
-    AS d(seq, reason, detail, status, response, ord)
-JOIN messages AS m ON m.seq = d.seq
-ORDER BY d.ord;
-
--- name: delete_messages
-DELETE FROM messages WHERE seq = ANY($1::bigint[]);
-
--- name: reschedule
-UPDATE messages AS m
-SET next_attempt_at = r.at, last_error = r.error, attempts = m.attempts + r.counts,
-    first_attempt_at = COALESCE(m.first_attempt_at, $5)
-FROM unnest($1::bigint[], $2::float8[], $3::text[], $4::int[]) AS r(seq, at, error, counts)
-WHERE m.seq = r.seq;
-
--- name: add_names
-INSERT INTO project_names (kind, name)
-SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING;
-
--- name: add_counters
-INSERT INTO counters (name, owner, value)
-SELECT n, $3, v FROM unnest($1::text[], $2::bigint[]) AS t(n, v)
-ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value;
+-- name: settle
+-- The outcome of a send, in one statement (one round trip, its own transaction): each
+-- claimed message ($2..) is acked ('a', deleted), retried ('r', rescheduled) or buried ('d',
+-- moved to the dead letters), but only while the lease it was claimed under is still this
+-- relay's ($1): `fence` locks those leases until the statement commits, so no relay takes
+-- them over meanwhile. The project's new names and the counters are added with it. All parts
+-- see the rows as they were before the statement (one snapshot): the dead letters are copied
+-- from the rows the same statement deletes. Returns how many messages were settled.
+WITH claims AS (
+    SELECT * FROM unnest($2::bigint[], $3::smallint[], $4::bigint[], $5::text[], $6::float8[],
+                         $7::text[], $8::int[], $9::text[], $10::text[], $11::int[], $12::text[])
+        WITH ORDINALITY
+        AS c(seq, bucket, lease, outcome, at, error, counts, reason, detail, status, response, ord)
+), fence AS (
+    SELECT l.bucket, l.epoch FROM leases AS l
+    WHERE l.owner = $1 AND l.bucket IN (SELECT bucket FROM claims)
+    ORDER BY l.bucket
+    FOR SHARE
+), mine AS (
+    SELECT c.* FROM claims AS c JOIN fence AS f ON f.bucket = c.bucket AND f.epoch = c.lease
+), buried AS (
+    INSERT INTO dead_letters (seq, bucket, source, message_id, user_key, type, body, received_at,
+                              reason, detail, response_status, response_body, attempts,
+                              first_attempt_at, last_attempt_at)
+    SELECT m.seq, m.bucket, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
+           d.reason, d.detail, d.status, d.response, m.attempts + 1,
+           COALESCE(m.first_attempt_at, $13), $13
+    FROM mine AS d JOIN messages AS m ON m.seq = d.seq
+    WHERE d.outcome = 'd'
+    ORDER BY d.ord
+), gone AS (
+    DELETE FROM messages AS m USING mine AS d
+    WHERE m.seq = d.seq AND d.outcome IN ('a', 'd')
+), moved AS (
+    UPDATE messages AS m
+    SET next_attempt_at = r.at, last_error = r.error, attempts = m.attempts + r.counts,
+        first_attempt_at = COALESCE(m.first_attempt_at, $13)
+    FROM mine AS r
+    WHERE m.seq = r.seq AND r.outcome = 'r'
+), named AS (
+    INSERT INTO project_names (kind, name)
+    SELECT * FROM unnest($14::text[], $15::text[]) ON CONFLICT DO NOTHING
+), counted AS (
+    INSERT INTO counters (name, owner, value)
+    SELECT n, $1, v FROM unnest($16::text[], $17::bigint[]) AS t(n, v)
+    ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
+)
+SELECT COUNT(*) FILTER (WHERE outcome IN ('a', 'd')), COUNT(*) FROM mine;
 
 -- name: project_names
 SELECT kind, name FROM project_names;
@@ -193,11 +212,15 @@ ON CONFLICT (id) DO UPDATE SET seen_at = now(), expires_at = excluded.expires_at
 -- A relay that stops gives its buckets up at once, so that the others need not wait for the
 -- leases to run out.
 WITH gone AS (DELETE FROM instances WHERE id = $1)
-UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1;
+UPDATE leases SET owner = NULL, expires_at = '-infinity'
+WHERE bucket IN (SELECT bucket FROM leases WHERE owner = $1 ORDER BY bucket FOR UPDATE);
 
 -- name: renew
+-- Leases are locked in bucket order, as every fence locks them, so that the two never
+-- deadlock.
 UPDATE leases SET expires_at = now() + make_interval(secs => $2)
-WHERE owner = $1
+WHERE bucket IN (SELECT bucket FROM leases WHERE owner = $1 ORDER BY bucket FOR UPDATE)
+  AND owner = $1
 RETURNING bucket, epoch;
 
 -- name: forwarders
@@ -219,7 +242,10 @@ RETURNING l.bucket, l.epoch;
 
 -- name: release
 UPDATE leases SET owner = NULL, expires_at = '-infinity'
-WHERE owner = $1 AND bucket = ANY($2::smallint[]);
+WHERE bucket IN (
+    SELECT bucket FROM leases WHERE owner = $1 AND bucket = ANY($2::smallint[])
+    ORDER BY bucket FOR UPDATE
+);
 
 -- name: instances
 SELECT i.id, i.host, i.pid, extract(epoch FROM i.started_at)::float8,

@@ -27,7 +27,8 @@ CREATE TABLE messages (
     autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000,
     autovacuum_vacuum_cost_delay = 0
 );
-CREATE INDEX messages_bucket ON messages (bucket, seq);
+-- No index on bucket: a relay reads in seq order and skips other relays' buckets, and every
+-- index on this table is paid at every insert (bench/pg.py: one more cost ingest 10-15%).
 -- Messages that wait for a retry: they hold back their user's later messages.
 CREATE INDEX messages_backoff ON messages (user_key, seq) WHERE next_attempt_at > 0;
 
