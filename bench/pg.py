@@ -226,9 +226,7 @@ async def failover_once(url: str, tmp: Path) -> float:
                 if len(held) == 2:
                     break
                 await asyncio.sleep(0.1)
-            a_owner = await conn.fetchval(
-                "SELECT id FROM instances WHERE pid = $1", procs[0].pid
-            )
+            a_owner = await conn.fetchval("SELECT id FROM instances WHERE pid = $1", procs[0].pid)
             a_buckets = {
                 r[0]
                 for r in await conn.fetch("SELECT bucket FROM leases WHERE owner = $1", a_owner)

@@ -68,14 +68,18 @@ ON CONFLICT (user_key) DO UPDATE SET
 SELECT COUNT(*) FROM messages;
 
 -- name: due_messages
--- Due: in a bucket this relay holds (checked against the lease, on the database's clock), its
--- retry time has come, no earlier message of its user waits for a retry, and its user has no
--- batch in flight here ($4). Each row comes with the epoch of its bucket's lease: its outcome
--- is written only while that lease is still this relay's.
+-- Due: in a bucket this relay holds (one of $2, which it renewed in time by its own clock,
+-- and still its own by the database's: a relay paused past its lease reads nothing of what
+-- it lost), its retry time has come, no earlier message of its user waits for a retry, and
+-- its user has no batch in flight here ($4). The buckets are one array computed once, so
+-- that the plan reads the oldest rows in order whatever the leases' statistics say. The
+-- bucket comes last: the caller stamps each row with its lease's epoch.
 SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, m.attempts,
-       m.next_attempt_at, m.first_attempt_at, m.last_error, l.epoch
-FROM messages AS m JOIN leases AS l ON l.bucket = m.bucket
-WHERE l.owner = $1 AND l.expires_at > now() AND m.bucket = ANY($2::smallint[])
+       m.next_attempt_at, m.first_attempt_at, m.last_error, m.bucket
+FROM messages AS m
+WHERE m.bucket = ANY(ARRAY(
+        SELECT bucket FROM leases
+        WHERE owner = $1 AND expires_at > now() AND bucket = ANY($2::smallint[])))
   AND m.next_attempt_at <= $3
   AND NOT (m.user_key = ANY($4::text[]))
   AND NOT EXISTS (
@@ -85,6 +89,12 @@ WHERE l.owner = $1 AND l.expires_at > now() AND m.bucket = ANY($2::smallint[])
   )
 ORDER BY m.seq
 LIMIT $5;
+
+-- name: analyze
+-- At start: a queue that holds a backlog is planned on its current size at once (otherwise
+-- autovacuum's next round, up to a minute later, and until then the due query may sort the
+-- whole table instead of reading the oldest rows in order).
+ANALYZE messages, sessions, leases;
 
 -- name: next_retry_at
 SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0 AND bucket = ANY($1::smallint[]);

@@ -206,6 +206,8 @@ class PostgresQueue(GroupCommit):
             async with pool.acquire() as conn:
                 await _migrate(conn, where)
                 pending = await conn.fetchval(Q["count_messages"])
+                if pending and member:
+                    await conn.execute(Q["analyze"])
             outcomes = await _connect(config, durable=False) if forwarding else pool
         except BaseException:
             await pool.close()
@@ -446,11 +448,12 @@ class PostgresQueue(GroupCommit):
         buckets = self._usable()
         if not buckets:
             return DueRead([], 0, 0)
+        epochs = self._leases.held
         async with self._connection(outcome=True) as conn:
             found = await conn.fetch(
                 Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit
             )
-        return DueRead([QueuedMessage.claimed(r[:11], r[11]) for r in found], 0, 0)
+        return DueRead([QueuedMessage.claimed(r[:11], epochs[r[11]]) for r in found], 0, 0)
 
     async def next_retry_at(self) -> float | None:
         async with self._connection() as conn:
