@@ -1,6 +1,7 @@
 """PostgreSQL queue soak (issue 17): does a queue that deletes what it delivers stay small?
 
   .venv/bin/python bench/pg_soak.py [--messages 1000000] [--rate 4000] [--users 10000]
+                                    [--no-sessions]
 
 The daemon on `queue.url` (a new database, dropped after) forwards, unthrottled, to the fake
 API in this process, while 100-call batches with unique messageIds (one call in ten a page,
@@ -28,8 +29,6 @@ from ingest import TRACK
 from pg import database, pg_config, strip_path
 from segment_relay.testing import FakeInfinario
 
-import os
-SESSIONS = os.environ.get("SOAK_SESSIONS", "1") == "1"
 TABLES = ("messages", "sessions", "dead_letters", "leases", "counters", "dedup")
 SIZES = """
 SELECT c.relname, pg_relation_size(c.oid), pg_indexes_size(c.oid),
@@ -61,7 +60,11 @@ async def soak(url: str, tmp: Path, args: argparse.Namespace) -> None:
     runner, api_url = await start_fake(fake)
     config = strip_path(
         pg_config(
-            tmp, api_url, url, rate=UNTHROTTLED, sessions={"enabled": SESSIONS, "idle_timeout": "30s"}
+            tmp,
+            api_url,
+            url,
+            rate=UNTHROTTLED,
+            sessions={"enabled": not args.no_sessions, "idle_timeout": "30s"},
         )
     )
     accepted = 0
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=4000.0)
     parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--no-sessions", action="store_true", help="sessions off")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d, database() as url:
         asyncio.run(soak(url, Path(d), args))
