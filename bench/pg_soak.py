@@ -7,7 +7,8 @@ The daemon on `queue.url` (a new database, dropped after) forwards, unthrottled,
 API in this process, while 100-call batches with unique messageIds (one call in ten a page,
 which drives sessions of 30 s) are posted at `--rate` calls/s until `--messages` are
 accepted. Every 10% of the way, and once all are delivered, it prints the size of each table
-with its indexes and TOAST, the dead rows, autovacuum's runs and the queue's depth.
+with its indexes and TOAST, the dead rows, the vacuums (the relay's, and autovacuum's) and
+the queue's depth.
 `dedup` is expected to grow: it keeps every messageId for `queue.dedup_window` (24 h).
 """
 
@@ -33,7 +34,7 @@ TABLES = ("messages", "sessions", "dead_letters", "leases", "counters", "dedup")
 SIZES = """
 SELECT c.relname, pg_relation_size(c.oid), pg_indexes_size(c.oid),
        COALESCE(pg_total_relation_size(c.reltoastrelid), 0), s.n_live_tup, s.n_dead_tup,
-       s.autovacuum_count
+       s.autovacuum_count, s.vacuum_count
 FROM pg_class AS c JOIN pg_stat_user_tables AS s ON s.relid = c.oid
 WHERE c.relname = ANY($1::text[])
 """
@@ -48,10 +49,10 @@ async def sizes(conn: asyncpg.Connection, label: str, accepted: int, delivered: 
     depth = await conn.fetchval("SELECT COUNT(*) FROM messages")
     print(f"-- {label}: {accepted:,} accepted, {delivered:,} delivered, {depth:,} queued")
     for table in TABLES:
-        _, heap, index, toast, live, dead, vacuums = rows[table]
+        _, heap, index, toast, live, dead, autovacuums, vacuums = rows[table]
         print(
             f"   {table:<13} heap {mib(heap)} MiB  indexes {mib(index)} MiB  toast {mib(toast)} MiB"
-            f"  live {live:>9,}  dead {dead:>8,}  autovacuums {vacuums}"
+            f"  live {live:>9,}  dead {dead:>8,}  vacuums {vacuums} (auto {autovacuums})"
         )
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
-from segment_relay.testing import FakeInfinario
+from segment_relay.testing import FakeInfinario, Reply
 from support import (
     AUTH,
     Daemon,
@@ -212,3 +212,64 @@ async def test_a_paused_relay_that_resumes_past_its_lease_writes_nothing_for_los
                 assert sum(held.values()) == 64
     # b delivered each message once; a's stale outcome changed nothing of b's.
     assert [c["command_id"] for c in fake_b.accepted] == ids
+
+
+async def test_a_message_id_sent_to_both_relays_is_stored_and_delivered_once(
+    tmp_path: Path, database: str
+) -> None:
+    fake = FakeInfinario(api_key="KEY")
+    # Commands of one event type are refused: their calls are dead-lettered, for the CLI.
+    fake.responder = lambda commands: Reply(
+        commands=["error" if c["data"].get("event_type") == "Refused" else "ok" for c in commands]
+    )
+    async with running_fake(fake) as (_, api), aiohttp.ClientSession() as session:
+        configs = [relay_config(tmp_path, name, database, api) for name in ("a", "b")]
+        async with relays(*configs) as (a, b):
+            ids = [f"twice-{n}" for n in range(40)]
+
+            async def both(n: int) -> None:
+                event = "Refused" if n < 3 else "Step"
+                message = {"userId": f"u{n % 5}", "event": event, "messageId": ids[n]}
+                await asyncio.gather(
+                    send_until_acked(session, [a], "/v1/track", message),
+                    send_until_acked(session, [b], "/v1/track", message),
+                )
+
+            await asyncio.gather(*(both(n) for n in range(40)))
+            await fake.wait_for(
+                lambda f: (
+                    set(ids[3:]) <= {c["command_id"] for c in f.accepted}
+                    and set(ids[:3]) <= refused(f)
+                ),
+                timeout_s=60,
+            )
+            for _ in range(40):  # bounded: until the outcomes of the last batches are written
+                code, out, err = await run_cli("status", "--json", "--config", str(configs[0]))
+                assert code == 0, err
+                status = orjson.loads(out)
+                if status["pending"] == 0:
+                    break
+            code, listed, err = await run_cli(
+                "dead-letters", "list", "--reason", "rejected", "--config", str(configs[1])
+            )
+            assert code == 0, err
+            dead_ids = [int(line.split("\t")[0]) for line in listed.splitlines() if line.strip()]
+            code, out, err = await run_cli(
+                "dead-letters", "replay", *map(str, dead_ids), "--config", str(configs[1])
+            )
+            assert (code, out.strip()) == (0, "replayed 3 dead letters"), err
+    delivered = [c["command_id"] for c in fake.accepted]
+    assert sorted(delivered) == sorted(ids[3:])  # each once
+    assert status["counters"]["delivered"] == 37
+    assert status["dead_letters"] == {"rejected": 3}
+    assert len(dead_ids) == 3
+
+
+def refused(fake: FakeInfinario) -> set[str]:
+    """The messageIds of commands the fake refused (per-command error)."""
+    return {
+        command["command_id"]
+        for request in fake.requests
+        for command, result in zip(request.commands, request.results, strict=False)
+        if result.get("success") is False
+    }

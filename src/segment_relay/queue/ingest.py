@@ -38,8 +38,13 @@ class Committed(NamedTuple):
 class GroupCommit(ABC):
     """The commit loop, backpressure and the counts the relay reports, for one backend."""
 
-    def __init__(self, *, max_pending: int, pending: int) -> None:
+    def __init__(self, *, max_pending: int, pending: int, commits_at_once: int = 1) -> None:
         self._max_pending = max_pending
+        # How many group commits may be in flight together. One: each takes whatever queued
+        # while the previous one ran. More lets a server with several backends work on them
+        # in parallel (PostgreSQL); requests in different commits are concurrent, so their
+        # relative order is free (a call answered before another is sent is committed first).
+        self._commits_at_once = commits_at_once
         self._pending_count = pending
         self._queue: list[Group] = []
         self._queued = asyncio.Event()
@@ -118,13 +123,23 @@ class GroupCommit(ABC):
         return await future
 
     async def _commit_loop(self) -> None:
+        running: set[asyncio.Task[None]] = set()
         while True:
             await self._queued.wait()
             self._queued.clear()
+            running = {task for task in running if not task.done()}
+            if self._queue and len(running) >= self._commits_at_once:
+                # Every commit slot is busy: what queues meanwhile goes with the next one.
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                self._queued.set()
+                continue
             groups, self._queue = self._queue, []
             if groups:
-                await self._commit_groups(groups)
+                running.add(asyncio.create_task(self._commit_groups(groups), name="queue-commit"))
+                if self._commits_at_once == 1:
+                    await asyncio.gather(*running)
             if self._closing and not self._queue:
+                await asyncio.gather(*running)
                 return
 
     async def _commit_groups(self, groups: list[Group]) -> None:

@@ -90,6 +90,14 @@ WHERE m.bucket = ANY(ARRAY(
 ORDER BY m.seq
 LIMIT $5;
 
+-- name: dead_rows
+-- The queue's tables with more than $1 dead rows (the statistics autovacuum reads too).
+SELECT relname FROM pg_stat_user_tables
+WHERE relname IN ('messages', 'sessions', 'dedup', 'leases', 'counters', 'instances',
+                  'dead_letters')
+  AND schemaname = current_schema() AND n_dead_tup > $1
+ORDER BY relname;
+
 -- name: analyze
 -- At start: a queue that holds a backlog is planned on its current size at once (otherwise
 -- autovacuum's next round, up to a minute later, and until then the due query may sort the
