@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .config import Config, load_config, parse_duration
+from .config import Config, load_config, parse_duration, redact_url
 from .errors import ConfigError, StoreError
 from .queue import Queue, open_queue
 
@@ -169,7 +169,8 @@ def _summary(config: Config) -> str:
     return (
         f"config OK: {len(config.sources)} source(s), "
         f"listening on {config.server.host}:{config.server.port}, "
-        f"queue {config.queue.path}, destination {d.api} {d.base_url}, "
+        f"queue {redact_url(config.queue.url) if config.queue.url else config.queue.path}, "
+        f"destination {d.api} {d.base_url}, "
         f"sessions {'on' if config.sessions.enabled else 'off'}"
     )
 

@@ -21,6 +21,7 @@ from support import (
     POSTGRES_ADMIN_URL,
     postgres_database,
     relay_command,
+    run_cli,
     running_fake,
     start_daemon,
     write_config,
@@ -76,6 +77,10 @@ async def test_a_wrong_queue_url_stops_the_start_naming_the_key_not_the_password
     assert process.returncode == 3
     assert "queue.url: cannot connect to postgresql://relay:***@127.0.0.1:1/relay" in err.decode()
     assert "s3cret" not in err.decode()
+    code, out, err_text = await run_cli("check-config", "--config", str(config))
+    assert code == 0, err_text
+    assert "queue postgresql://relay:***@127.0.0.1:1/relay" in out
+    assert "s3cret" not in out
 
 
 @can_restart
