@@ -388,6 +388,14 @@ class Config:
     shutdown: ShutdownConfig = _sub(ShutdownConfig)
     debugger: DebuggerConfig = _sub(DebuggerConfig)
 
+    def __post_init__(self) -> None:
+        if self.queue.url and self.queue.lease_s <= self.destination.timeout_s:
+            raise ConfigError(
+                f"queue.lease: must be longer than destination.timeout "
+                f"({self.queue.lease_s:g}s <= {self.destination.timeout_s:g}s): a relay that "
+                "lost its users to another may still be sending their messages"
+            )
+
     def check_destination(self) -> None:
         """Raise ConfigError unless the destination has the credentials its API style needs."""
         dest = self.destination

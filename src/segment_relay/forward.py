@@ -333,6 +333,8 @@ class Forwarder:
         following = [r for r in self._prefetched if r.user_key in users and r.seq not in taken]
         if self._prefetched:
             self._prefetched = [r for r in self._prefetched if r.user_key not in users]
+        claims = self.store.claims
+        self.store.sending(batch)
         task = asyncio.create_task(self._forward(batch), name=f"forward-batch-{batch[0].seq}")
         self._tasks.add(task)
 
@@ -340,7 +342,10 @@ class Forwarder:
             self._tasks.discard(t)
             self._busy_users -= users
             self._slot_free.set()
-            if t.cancelled():
+            self.store.done_sending(batch)
+            if t.cancelled() or self.store.claims != claims:
+                # Cancelled, or a lease changed meanwhile: the rows read ahead for its users
+                # may be another relay's now.
                 return
             if t.exception() is not None:
                 # A bug, not a send failure: stop forwarding (the supervisor exits non-zero)
@@ -402,9 +407,13 @@ class Forwarder:
                 continue
             names.extend(new_names)
             to_send.append((row, command))
-        if skipped or dead or names:
-            # New names are remembered before the send: two lanes cannot both take the last slot.
-            await self._write(acked=skipped, dead=dead, names=names, now=now)
+        if (skipped or dead or names) and not await self._write(
+            acked=skipped, dead=dead, names=names, now=now
+        ):
+            # Not written (the queue's database went away, or the lease passed to another
+            # relay): nothing of these users is sent; their rows stay as they were.
+            return {row.user_key for row in batch}
+        # (New names are remembered before the send: two lanes cannot both take the last slot.)
         return await self._send(to_send) if to_send else set()
 
     async def _send(self, items: Items) -> set[str]:
@@ -467,7 +476,10 @@ class Forwarder:
         self.metrics.order_lost.inc(order_lost)
         if retry:
             self.metrics.commands_retried.labels("command_retry").inc(len(retry))
-        await self._write(acked=acked, retry=retry, dead=dead, now=now)
+        if not await self._write(acked=acked, retry=retry, dead=dead, now=now):
+            # Delivered but not written down: the rows are sent again, so nothing of these
+            # users may be sent before them.
+            held |= {row.user_key for row, _ in items}
         log.info(
             "batch sent: %d acked, %d to retry, %d dead-lettered",
             len(acked),
@@ -543,8 +555,10 @@ class Forwarder:
         dead: Sequence[tuple[QueuedMessage, Failure]] = (),
         names: Sequence[tuple[str, str]] = (),
         now: float,
-    ) -> None:
-        """Write outcomes so that cancellation cannot lose them (style.md 7)."""
+    ) -> bool:
+        """Write outcomes so that cancellation cannot lose them (style.md 7). Returns whether
+        they were all written: not when the queue's database cannot be reached, nor for
+        messages whose lease passed to another relay (it sends them again)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
         if self.feed is not None:
@@ -562,7 +576,7 @@ class Forwarder:
             self._retry_writes += 1
         task = asyncio.ensure_future(settle)
         try:
-            await asyncio.shield(task)
+            fenced = await asyncio.shield(task)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await task
@@ -577,7 +591,9 @@ class Forwarder:
                 exc,
                 extra={"action": "outcome_not_written"},
             )
+            return False
         finally:
             if retry:
                 # Once written: an earliest retry read meanwhile may not know these.
                 self._retry_writes += 1
+        return fenced == 0

@@ -124,6 +124,7 @@ async def test_the_readme_configs_keep_taking_calls_when_a_relay_dies(
                 api.url,
                 server={"host": "127.0.0.1", "port": port},
                 queue={"url": database, "lease": "3s"},
+                destination={"timeout": "2s"},
             )
             daemons.append(await start_daemon(config))
         try:

@@ -142,7 +142,8 @@ async def test_the_relay_rides_out_the_database_going_away_under_load(
                 )
                 assert (await ready())[0] == 200
         finally:
-            assert await daemon.stop() == 0
+            code = await daemon.stop()
+            assert code == 0, "\n".join(daemon.stderr_lines[-30:])
     # While the database was away: 503 with Retry-After and a JSON reason; /ready said why.
     assert {(s, b["code"], r is not None) for s, b, r in refused} == {
         (503, "store_unavailable", True)

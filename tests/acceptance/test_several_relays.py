@@ -45,7 +45,12 @@ def relay_config(tmp_path: Path, name: str, database: str, api: Server, **sectio
     messageId), a short lease, sessions of 2 s; `sections` add to these."""
     group = {
         "queue": {"url": database, "lease": LEASE},
-        "destination": {"api": "exponea", "api_key": "KEY", "max_requests_per_second": 1000},
+        "destination": {
+            "api": "exponea",
+            "api_key": "KEY",
+            "max_requests_per_second": 1000,
+            "timeout": "2s",  # below the lease
+        },
         "sessions": {"enabled": True, "idle_timeout": "2s"},
     }
     return write_config(
@@ -184,8 +189,7 @@ async def test_a_paused_relay_that_resumes_past_its_lease_writes_nothing_for_los
         running_fake(fake_b) as (_, api_b),
         aiohttp.ClientSession() as session,
     ):
-        # a waits for its held request however long it is paused.
-        a_config = relay_config(tmp_path, "a", database, api_a, destination={"timeout": "60s"})
+        a_config = relay_config(tmp_path, "a", database, api_a)
         b_config = relay_config(tmp_path, "b", database, api_b)
         async with relays(a_config) as [a]:
             ids = []

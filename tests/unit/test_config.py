@@ -136,6 +136,10 @@ def test_queue_url_takes_the_password_from_the_environment() -> None:
         ("{url: 'mysql://u:hunter2@db/relay'}", "queue.url: must be a postgresql:// URL"),
         ("{url: 'postgresql://u:hunter2@db:port/relay'}", "queue.url: not a valid URL"),
         ("{lease: 1s}", "queue.lease: must be between 3s and 600s"),
+        (
+            "{url: 'postgresql://db/relay', lease: 10s}",
+            "queue.lease: must be longer than destination.timeout (10s <= 10s)",
+        ),
     ],
 )
 def test_queue_errors_name_the_key_and_never_the_password(queue: str, message: str) -> None:

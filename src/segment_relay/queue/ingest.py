@@ -134,10 +134,12 @@ class GroupCommit(ABC):
                 self._queued.set()
                 continue
             groups, self._queue = self._queue, []
-            if groups:
+            if groups and self._commits_at_once == 1:
+                # In this task: a task per commit would hand the event loop over once more
+                # per commit (bench/ingest.py on SQLite: single calls 0.46x -> 0.33x).
+                await self._commit_groups(groups)
+            elif groups:
                 running.add(asyncio.create_task(self._commit_groups(groups), name="queue-commit"))
-                if self._commits_at_once == 1:
-                    await asyncio.gather(*running)
             if self._closing and not self._queue:
                 await asyncio.gather(*running)
                 return

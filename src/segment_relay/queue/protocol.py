@@ -99,10 +99,18 @@ class Queue(Protocol):
         now: float,
         counters: dict[str, int] | None = None,
         names: Iterable[tuple[str, str]] = (),
-    ) -> None:
+    ) -> int:
         """Write the outcome of a send in one transaction: `acked` leave the queue, `retry`
         wait, `dead` move to the dead letters; `counters` and `names` are added with them.
-        Messages claimed under a lease this process no longer holds are left as they are."""
+        Messages claimed under a lease this process no longer holds are left as they are:
+        returns how many (their new owner sends them again)."""
+
+    def sending(self, rows: Iterable[QueuedMessage]) -> None:
+        """A batch of `rows` is in flight (their users' part of the queue is not handed to
+        another relay before it ends)."""
+
+    def done_sending(self, rows: Iterable[QueuedMessage]) -> None:
+        """The batch `sending` was told of has ended (its outcome written or not)."""
 
     async def project_names(self) -> list[tuple[str, str]]:
         """(kind, name) of every event type and customer property key sent to the project."""

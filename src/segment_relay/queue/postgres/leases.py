@@ -12,11 +12,24 @@ another could have taken it over.
 from __future__ import annotations
 
 import math
+import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 BUCKETS = 64
+
+
+def lease_clock() -> float:
+    """The clock leases are trusted by: CLOCK_BOOTTIME where there is one, which goes on
+    while the machine is suspended (CLOCK_MONOTONIC stops), so that a relay that wakes up
+    knows its leases ran out."""
+    return (
+        time.clock_gettime(time.CLOCK_BOOTTIME)
+        if hasattr(time, "CLOCK_BOOTTIME")
+        else time.monotonic()
+    )
 
 
 def bucket_of(user_key: str) -> int:
@@ -43,6 +56,9 @@ class Leases:
     draining: dict[int, float] = field(default_factory=dict)
     # Changes whenever a bucket is lost or given up (see Queue.claims).
     changes: int = 0
+    # Batches in flight per bucket (a batch counts once in each of its users' buckets): a
+    # bucket being given up is released only once they have ended.
+    sending: Counter[int] = field(default_factory=Counter)
 
     def renewed(self, held: Iterable[tuple[int, int]], sent_at: float) -> list[int]:
         """Take the leases a renewal sent at `sent_at` returned; return the buckets lost."""
@@ -83,8 +99,14 @@ class Leases:
             self.changes += 1
 
     def to_release(self, now: float, after_s: float) -> list[int]:
-        """The buckets drained for `after_s`: ready to be released."""
-        ready = [b for b, since in self.draining.items() if now - since >= after_s]
+        """The buckets drained for `after_s` with no batch in flight, or drained for a whole
+        lease (a batch retried that long is its new owner's to send again): ready to be
+        released."""
+        ready = [
+            b
+            for b, since in self.draining.items()
+            if now - since >= self.lease_s or (now - since >= after_s and not self.sending[b])
+        ]
         for bucket in ready:
             del self.draining[bucket]
             self.held.pop(bucket, None)

@@ -109,12 +109,14 @@ SELECT MIN(next_attempt_at) FROM messages WHERE next_attempt_at > 0 AND bucket =
 
 -- name: fence
 -- The buckets whose lease is still this relay's under the given epochs, locked until the
--- transaction ends so that no other relay can take them over meanwhile.
+-- transaction ends so that no other relay can take them over meanwhile. KEY SHARE blocks a
+-- takeover or release (they lock FOR UPDATE) but not this relay's renewals (FOR NO KEY
+-- UPDATE), which so never wait for a settlement.
 SELECT l.bucket, l.epoch FROM leases AS l
 JOIN unnest($2::smallint[], $3::bigint[]) AS c(bucket, epoch) ON c.bucket = l.bucket
 WHERE l.owner = $1 AND l.epoch = c.epoch
 ORDER BY l.bucket
-FOR SHARE OF l;
+FOR KEY SHARE OF l;
 
 -- name: settle
 -- The outcome of a send, in one statement (one round trip, its own transaction): each
@@ -133,7 +135,7 @@ WITH claims AS (
     SELECT l.bucket, l.epoch FROM leases AS l
     WHERE l.owner = $1 AND l.bucket IN (SELECT bucket FROM claims)
     ORDER BY l.bucket
-    FOR SHARE
+    FOR KEY SHARE  -- see fence
 ), mine AS (
     SELECT c.* FROM claims AS c JOIN fence AS f ON f.bucket = c.bucket AND f.epoch = c.lease
 ), buried AS (
@@ -181,6 +183,9 @@ FOR UPDATE SKIP LOCKED;
 
 -- name: delete_sessions
 DELETE FROM sessions WHERE user_key = ANY($1::text[]);
+
+-- name: next_session_expiry
+SELECT MIN(expires_at) FROM sessions WHERE bucket = ANY($1::smallint[]);
 
 -- name: session_stats
 SELECT (SELECT COUNT(*) FROM sessions),
@@ -234,11 +239,12 @@ UPDATE leases SET owner = NULL, expires_at = '-infinity'
 WHERE bucket IN (SELECT bucket FROM leases WHERE owner = $1 ORDER BY bucket FOR UPDATE);
 
 -- name: renew
--- Leases are locked in bucket order, as every fence locks them, so that the two never
--- deadlock.
+-- Leases are locked in bucket order, as every fence locks them, and FOR NO KEY UPDATE,
+-- which a fence's KEY SHARE does not block (see fence).
 UPDATE leases SET expires_at = now() + make_interval(secs => $2)
-WHERE bucket IN (SELECT bucket FROM leases WHERE owner = $1 ORDER BY bucket FOR UPDATE)
-  AND owner = $1
+WHERE bucket IN (
+    SELECT bucket FROM leases WHERE owner = $1 ORDER BY bucket FOR NO KEY UPDATE
+) AND owner = $1
 RETURNING bucket, epoch;
 
 -- name: forwarders

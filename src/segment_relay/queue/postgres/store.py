@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..queries import load_queries
 from ..session_rows import Expansion, expand, session_activities
-from .leases import BUCKETS, Leases, bucket_of, share
+from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -64,7 +63,16 @@ _UNREACHABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
+    # The driver's own view of a connection that broke under it (a protocol out of step).
+    asyncpg.exceptions.InternalClientError,
 )
+# SQLSTATE classes of errors that are the database's state, not the request's: a lost
+# connection (08), a rolled-back transaction (40, deadlock or serialization), no resources
+# (53: too many connections, a full disk), an operator's intervention (57: shutdown, a
+# cancelled or timed-out statement), a transaction the server ended (25: idle too long in a
+# transaction, a read-only standby), a lock not available (55). Nothing was written: the
+# relay answers 503 or tries again later.
+_TRANSIENT_CLASSES = frozenset({"08", "25", "40", "53", "55", "57"})
 _LOGIN = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
@@ -106,17 +114,25 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool:
     """A pool of connections to the queue. `durable=False`: their commits return before the
-    WAL is flushed (synchronous_commit off; see PostgresQueue's `_outcomes`)."""
+    WAL is flushed (synchronous_commit off; see PostgresQueue's `_outcomes`).
+
+    No statement may take longer than a lease, and a transaction left idle (its relay paused
+    or gone) is ended by the server after a third of one, so that its locks (a user's
+    session, a messageId, the leases a fence holds) cannot hold the other relays up.
+    """
     where = redact_url(config.url)
-    settings = {"application_name": "segment-relay"}
-    if not durable:
-        settings["synchronous_commit"] = "off"
+    settings = {
+        "application_name": "segment-relay",
+        "synchronous_commit": "on" if durable else "off",
+        "idle_in_transaction_session_timeout": str(int(config.lease_s * 1000 / 3)),
+    }
     try:
         pool = await asyncpg.create_pool(
             config.url,
             min_size=1,
             max_size=config.pool_size,
             timeout=10,
+            command_timeout=config.lease_s,
             server_settings=settings,
             reset=_keep_session,
         )
@@ -202,7 +218,7 @@ class PostgresQueue(GroupCommit):
         sessions: SessionRules | None = None,
         member: bool = True,
         forwarding: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = lease_clock,
     ) -> PostgresQueue:
         """Connect, upgrade the schema and, for a relay (`member`), join the relays sharing
         the database and take a share of the buckets (`forwarding`).
@@ -233,10 +249,15 @@ class PostgresQueue(GroupCommit):
             clock=clock,
         )
         if member:
-            await queue.renew(first=True)
+            try:
+                await queue.renew(first=True)
+            except BaseException:
+                await queue._outcomes.close()
+                await pool.close()
+                raise
             queue._keeper = asyncio.create_task(queue._keep_leases(), name="queue-leases")
             if forwarding:
-                queue._janitor = asyncio.create_task(queue._vacuum_loop(), name="queue-vacuum")
+                queue._janitor = asyncio.create_task(queue._upkeep(), name="queue-upkeep")
         queue._start_committer()
         return queue
 
@@ -254,26 +275,40 @@ class PostgresQueue(GroupCommit):
 
     @property
     def claims(self) -> int:
-        """Changes whenever messages read before may no longer be this relay's to send."""
-        return self._leases.changes
+        """Changes whenever messages read before may no longer be this relay's to send: a
+        lease lost or given up, or the leases not renewed in time."""
+        return self._leases.changes * 2 + self._leases.expired(self._clock())
+
+    def sending(self, rows: Iterable[QueuedMessage]) -> None:
+        """A batch of `rows` is in flight: their buckets are not given up until it ends."""
+        self._leases.sending.update({bucket_of(user) for user in {r.user_key for r in rows}})
+
+    def done_sending(self, rows: Iterable[QueuedMessage]) -> None:
+        self._leases.sending.subtract({bucket_of(user) for user in {r.user_key for r in rows}})
 
     async def close(self) -> None:
         """Commit what is queued, give the buckets up at once, close the connections."""
         try:
             await self._stop_committer()
             self._stop_keeping.set()
+            if self._janitor is not None:
+                self._janitor.cancel()  # a VACUUM under way is not waited for
             for task in (self._keeper, self._janitor):
                 if task is not None:
-                    await task
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await task
             if self._member:
                 with contextlib.suppress(StoreError):
                     async with self._connection() as conn:
                         await conn.execute(Q["leave"], self.instance_id)
                 self._leases.lose_all()
         finally:
-            if self._outcomes is not self._pool:
-                await self._outcomes.close()
-            await self._pool.close()
+            for pool in {self._outcomes, self._pool}:
+                try:
+                    await asyncio.wait_for(pool.close(), self._leases.lease_s)
+                except Exception as exc:  # noqa: BLE001 - nothing is lost: every write is done
+                    log.warning("closing the queue's connections: %s", exc)
+                    pool.terminate()
 
     @contextlib.asynccontextmanager
     async def _connection(self, *, outcome: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -287,9 +322,10 @@ class PostgresQueue(GroupCommit):
         except _UNREACHABLE as exc:
             self._down = f"the queue database {self._where} cannot be reached: {exc}"
             raise StoreError(self._down) from exc
-        except asyncpg.exceptions.TransactionRollbackError as exc:
-            # A deadlock or serialization failure: nothing was written; the caller tries again.
-            raise StoreError(f"the queue database rolled a transaction back: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            if str(exc.sqlstate or "")[:2] not in _TRANSIENT_CLASSES:
+                raise
+            raise StoreError(f"the queue database {self._where} refused: {exc}") from exc
         self._down = None
 
     # --- ingest ---------------------------------------------------------------------------------
@@ -370,12 +406,19 @@ class PostgresQueue(GroupCommit):
     # --- leases ---------------------------------------------------------------------------------
 
     async def _keep_leases(self) -> None:
-        """Renew the leases (and take or give up buckets) every third of `queue.lease`."""
+        """Renew the leases (and take or give up buckets) every third of `queue.lease`, on a
+        fixed cadence however long a renewal took."""
         interval = self._leases.lease_s / 3
+        due = self._clock() + interval
         while not self._stop_keeping.is_set():
-            await first_set(self._stop_keeping, timeout_s=interval)
-            if not self._stop_keeping.is_set():
+            await first_set(self._stop_keeping, timeout_s=max(0.0, due - self._clock()))
+            due += interval
+            if self._stop_keeping.is_set():
+                break
+            try:
                 await self.renew()
+            except Exception:  # a bug here must not silently stop the renewals
+                log.exception("lease renewal failed", extra={"action": "lease_failed"})
 
     async def renew(self, *, first: bool = False) -> None:
         """One renewal: membership, leases held, a fair share taken or given up. (The
@@ -411,7 +454,6 @@ class PostgresQueue(GroupCommit):
                     released = self._leases.to_release(self._clock(), lease_s / 3)
                     if released:
                         await conn.execute(Q["release"], self.instance_id, released)
-                self._pending_count = int(await conn.fetchval(Q["count_messages"]))
         except StoreError as exc:
             if not self._leases.expired(self._clock()):
                 log.warning("cannot renew the leases: %s", exc, extra={"action": "lease_failed"})
@@ -432,16 +474,22 @@ class PostgresQueue(GroupCommit):
             self.new_work.set()
             self.expiry.opened(0.0)
 
-    async def _vacuum_loop(self) -> None:
-        """The relay holding bucket 0 vacuums the queue's tables (see `vacuum`)."""
+    async def _upkeep(self) -> None:
+        """Every VACUUM_CHECK_S: count the queue (for queue.max_pending: other relays add and
+        remove messages too) and, on the relay holding bucket 0, vacuum (see `vacuum`)."""
         while not self._stop_keeping.is_set():
             await first_set(self._stop_keeping, timeout_s=VACUUM_CHECK_S)
-            if self._stop_keeping.is_set() or 0 not in self._usable():
-                continue
+            if self._stop_keeping.is_set():
+                break
             try:
-                await self.vacuum()
+                async with self._connection() as conn:
+                    self._pending_count = int(await conn.fetchval(Q["count_messages"]))
+                if 0 in self._usable():
+                    await self.vacuum()
             except StoreError as exc:
-                log.warning("cannot vacuum the queue: %s", exc, extra={"action": "vacuum_failed"})
+                log.warning("queue upkeep failed: %s", exc, extra={"action": "upkeep_failed"})
+            except Exception:  # a bug here must not silently stop the upkeep
+                log.exception("queue upkeep failed", extra={"action": "upkeep_failed"})
 
     async def vacuum(self) -> list[str]:
         """VACUUM each table with more dead rows than VACUUM_DEAD_ROWS; return those.
@@ -457,7 +505,7 @@ class PostgresQueue(GroupCommit):
             tables = [str(r[0]) for r in found]
             for table in tables:
                 # A name from the fixed list in dead_rows, never from input.
-                await conn.execute(f"VACUUM (ANALYZE) {table}")
+                await conn.execute(f"VACUUM (ANALYZE) {table}", timeout=None)
         if tables:
             log.debug("vacuumed %s", ", ".join(tables), extra={"action": "vacuumed"})
         return tables
@@ -512,9 +560,9 @@ class PostgresQueue(GroupCommit):
         now: float,
         counters: dict[str, int] | None = None,
         names: Iterable[tuple[str, str]] = (),
-    ) -> None:
+    ) -> int:
         """Write the outcome of a send in one transaction, for the messages whose lease is
-        still this relay's (the others are its new owner's to send again)."""
+        still this relay's; return how many were not (their new owner sends them again)."""
         claims: list[tuple[QueuedMessage, str, Retry | None, Failure | None]] = [
             *((m, "a", None, None) for m in acked),
             *((r[0], "r", r, None) for r in retry),
@@ -522,7 +570,7 @@ class PostgresQueue(GroupCommit):
         ]
         names, counters = list(names), counters or {}
         if not (claims or names or counters):
-            return
+            return 0
         no_retry = (None, 0.0, None, 0)
         async with self._connection(outcome=True) as conn:
             gone, settled = await conn.fetchrow(
@@ -545,7 +593,8 @@ class PostgresQueue(GroupCommit):
                 list(counters),
                 list(counters.values()),
             )
-        if fenced := len(claims) - settled:
+        fenced = len(claims) - int(settled)
+        if fenced:
             self.fenced += fenced
             log.warning(
                 "the outcome of %d messages was not written: their bucket's lease passed to "
@@ -553,7 +602,8 @@ class PostgresQueue(GroupCommit):
                 fenced,
                 extra={"action": "outcome_fenced"},
             )
-        self._removed(gone)
+        self._removed(int(gone))
+        return fenced
 
     async def project_names(self) -> list[tuple[str, str]]:
         async with self._connection() as conn:
@@ -588,7 +638,9 @@ class PostgresQueue(GroupCommit):
         return int(count), None if earliest is None else float(earliest)
 
     async def next_session_expiry(self) -> float | None:
-        return (await self.session_stats())[1]
+        async with self._connection() as conn:
+            earliest = await conn.fetchval(Q["next_session_expiry"], self._usable())
+        return None if earliest is None else float(earliest)
 
     # --- inspection and administration ----------------------------------------------------------
 

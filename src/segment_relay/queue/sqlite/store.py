@@ -480,8 +480,9 @@ class SqliteQueue(GroupCommit):
         now: float,
         counters: dict[str, int] | None = None,
         names: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        """Write the outcome of a send in one transaction.
+    ) -> int:
+        """Write the outcome of a send in one transaction; return 0 (one process owns the
+        queue: no outcome is ever another's to write).
 
         `acked`: messages delivered (deleted). `retry`: (message, next_attempt_at, error,
         counts_attempt). `dead`: messages moved to the dead-letter table. `counters` are added
@@ -504,6 +505,13 @@ class SqliteQueue(GroupCommit):
         # One statement (the `settle` trigger does the rest): one step of SQLite, autocommit.
         await self._write(lambda raw: raw.execute(Q["settle"], settlement), own_transaction=True)
         self._removed(len(acked_seqs) + len(dead_rows))
+        return 0
+
+    def sending(self, rows: Iterable[QueuedMessage]) -> None:
+        """Nothing to do: no other process takes this queue's users."""
+
+    def done_sending(self, rows: Iterable[QueuedMessage]) -> None:
+        """Nothing to do (see sending)."""
 
     async def project_names(self) -> list[tuple[str, str]]:
         """(kind, name) of every event type and customer property key sent to the project."""
