@@ -306,7 +306,8 @@ class Forwarder:
             self._next_retry = await self.store.next_retry_at()
             self._next_retry_read_at = writes
         next_retry = self._next_retry
-        return IDLE_POLL_S if next_retry is None else min(IDLE_POLL_S, max(0.0, next_retry - now))
+        poll_s = min(IDLE_POLL_S, self.store.poll_s)
+        return poll_s if next_retry is None else min(poll_s, max(0.0, next_retry - now))
 
     def _retry_may_be_due(self, now: float) -> bool:
         """Whether a message in backoff may be due at `now`, as far as this forwarder knows."""

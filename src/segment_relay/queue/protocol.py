@@ -54,6 +54,11 @@ class Queue(Protocol):
         """Messages in the queue as this process counts them (cheap, approximate)."""
 
     @property
+    def poll_s(self) -> float:
+        """How often an idle forwarder looks at the queue for work no wake-up told it of (a
+        replay by the CLI; with several relays, calls another relay took for its users)."""
+
+    @property
     def claims(self) -> int:
         """A number that changes whenever messages read before may no longer be this
         process's to send (a lease lost or given up): rows read ahead are dropped then."""

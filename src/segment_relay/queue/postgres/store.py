@@ -50,6 +50,8 @@ SESSION_TYPES = frozenset({"session_start", "session_end"})
 # The hot tables are vacuumed by the relay holding bucket 0 once they hold this many dead
 # rows, checked this often (see PostgresQueue.vacuum).
 VACUUM_DEAD_ROWS = 10_000
+# How often an idle forwarder reads its buckets for calls other relays took (PostgresQueue.poll_s).
+POLL_S = 0.5
 VACUUM_CHECK_S = 5.0
 # Group commits in flight together (queue/ingest.py): each on its own connection and backend,
 # so that the server's cores share the inserts (bench/pg.py: see docs/queue.md).
@@ -272,6 +274,12 @@ class PostgresQueue(GroupCommit):
     @property
     def session_rules(self) -> SessionRules | None:
         return self._rules
+
+    @property
+    def poll_s(self) -> float:
+        """Calls another relay took for this relay's users wake nobody here (there is no
+        LISTEN/NOTIFY: see docs/queue.md), so an idle forwarder reads every POLL_S."""
+        return POLL_S
 
     @property
     def claims(self) -> int:

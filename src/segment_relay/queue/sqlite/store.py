@@ -235,6 +235,11 @@ class SqliteQueue(GroupCommit):
         return str(self._path)
 
     @property
+    def poll_s(self) -> float:
+        """Only a replay by the CLI arrives without a wake-up: every 5 s."""
+        return 5.0
+
+    @property
     def claims(self) -> int:
         """Always 0: this process owns the whole queue."""
         return 0
