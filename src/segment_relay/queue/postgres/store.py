@@ -1,7 +1,7 @@
 """The PostgreSQL queue: any number of relays on one database (docs/queue.md).
 
-The only module of this backend that runs SQL (kept by name in `queries.sql`; the schema is
-in `migrations/`). Every relay accepts calls: group commits (queue/ingest.py) insert them with
+With database.py (connections, schema, errors), the only module of this backend that runs
+SQL (kept by name in `queries.sql`; the schema is in `migrations/`). Every relay accepts calls: group commits (queue/ingest.py) insert them with
 their dedup rows and session events, whichever relay takes them. Forwarding is partitioned:
 users hash into buckets (leases.py), each leased to one live relay, which alone reads its
 users' messages, writes their outcomes and closes their sessions, each such write fenced by
@@ -17,13 +17,13 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 import orjson
 
-from ...config import QueueConfig, redact_url
+from ...config import QueueConfig
 from ...errors import StoreError, StoreFullError
 from ...records import (
     DeadLetter,
@@ -36,16 +36,13 @@ from ...records import (
 )
 from ...sessions import Activity, SessionEvent, SessionRules, SessionState
 from ...waiting import first_set
-from .. import migrations
 from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
-from ..queries import load_queries
 from ..session_rows import Expansion, expand, session_activities
+from .database import Database, Q
 from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
 
 log = logging.getLogger(__name__)
-Q = load_queries(__package__)
-MIGRATIONS = migrations.load(__package__)
 SESSION_TYPES = frozenset({"session_start", "session_end"})
 # The hot tables are vacuumed by the relay holding bucket 0 once they hold this many dead
 # rows, checked this often (see PostgresQueue.vacuum).
@@ -56,29 +53,6 @@ VACUUM_CHECK_S = 5.0
 # Group commits in flight together (queue/ingest.py): each on its own connection and backend,
 # so that the server's cores share the inserts (bench/pg.py: see docs/queue.md).
 COMMITS_AT_ONCE = 2
-# Any key will do, so long as every release takes the same one: the migration lock.
-MIGRATION_LOCK = 0x5E6_4E1A
-# What a lost or refused connection raises: the relay answers 503 and carries on.
-_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.InterfaceError,
-    # The driver's own view of a connection that broke under it (a protocol out of step).
-    asyncpg.exceptions.InternalClientError,
-)
-# SQLSTATE classes of errors that are the database's state, not the request's: a lost
-# connection (08), a rolled-back transaction (40, deadlock or serialization), no resources
-# (53: too many connections, a full disk), an operator's intervention (57: shutdown, a
-# cancelled or timed-out statement), a transaction the server ended (25: idle too long in a
-# transaction, a read-only standby), a lock not available (55). Nothing was written: the
-# relay answers 503 or tries again later.
-_TRANSIENT_CLASSES = frozenset({"08", "25", "40", "53", "55", "57"})
-_LOGIN = (
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidCatalogNameError,
-)
 
 
 def _columns(rows: Sequence[NewMessage]) -> tuple[list[Any], ...]:
@@ -107,76 +81,13 @@ def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
     )
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """What a connection returned to the pool needs reset: nothing. The backend leaves no
-    session state (its advisory locks are the transaction's, it never LISTENs), and asyncpg's
-    default reset is a round trip at every release (a pooled SELECT 1 took 0.38-0.52 ms with
-    it, 0.20-0.28 ms without)."""
-
-
-async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool:
-    """A pool of connections to the queue. `durable=False`: their commits return before the
-    WAL is flushed (synchronous_commit off; see PostgresQueue's `_outcomes`).
-
-    No statement may take longer than a lease, and a transaction left idle (its relay paused
-    or gone) is ended by the server after a third of one, so that its locks (a user's
-    session, a messageId, the leases a fence holds) cannot hold the other relays up.
-    """
-    where = redact_url(config.url)
-    settings = {
-        "application_name": "segment-relay",
-        "synchronous_commit": "on" if durable else "off",
-        "idle_in_transaction_session_timeout": str(int(config.lease_s * 1000 / 3)),
-    }
-    try:
-        pool = await asyncpg.create_pool(
-            config.url,
-            min_size=1,
-            max_size=config.pool_size,
-            timeout=10,
-            command_timeout=config.lease_s,
-            server_settings=settings,
-            reset=_keep_session,
-        )
-    except _LOGIN as exc:
-        raise StoreError(f"queue.url: the database refused {where}: {exc}") from exc
-    except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
-        raise StoreError(f"queue.url: cannot connect to {where}: {exc}") from exc
-    assert pool is not None
-    return pool
-
-
-async def _migrate(conn: asyncpg.Connection, where: str) -> None:
-    """Bring the schema up to date (queue/migrations.py) in one transaction, under an
-    advisory lock, so that relays starting together apply each migration once."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS segment_relay_schema ("
-            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        version = await conn.fetchval(Q["schema_version"])
-        for migration in migrations.pending(MIGRATIONS, int(version), where):
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO segment_relay_schema (version) VALUES ($1)", migration.version
-            )
-            log.info(
-                "queue schema upgraded to version %d (%s)",
-                migration.version,
-                migration.name,
-                extra={"action": "schema_upgraded"},
-            )
-
-
 class PostgresQueue(GroupCommit):
     """The PostgreSQL queue (a Queue, see queue/protocol.py). Open with `await
     PostgresQueue.open(config)`, close with `await queue.close()`."""
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
-        outcomes: asyncpg.Pool,
+        db: Database,
         config: QueueConfig,
         *,
         pending: int,
@@ -190,13 +101,7 @@ class PostgresQueue(GroupCommit):
         )
         # The monotonic clock the leases are trusted by (injected by tests).
         self._clock = clock
-        self._pool = pool
-        # The outcomes of sends and the session ends are committed without waiting for the
-        # WAL flush: one lost in a crash of the database is only undone (the messages are
-        # sent again, the sessions closed again), never lost, and each settlement no longer
-        # waits for an fsync of its own (bench/pg.py forwarding: 4.7k -> 5.8k events/s).
-        self._outcomes = outcomes
-        self._where = redact_url(config.url)
+        self._db = db
         self._rules = sessions
         self._dedup_window_s = config.dedup_window_s
         self._member = member
@@ -206,9 +111,6 @@ class PostgresQueue(GroupCommit):
         self._keeper: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._stop_keeping = asyncio.Event()
-        # Why the database could not be used, from the latest operation that failed (None
-        # once one succeeds): /ready.
-        self._down: str | None = None
         # Outcomes and session ends not written because the lease had passed to another relay.
         self.fenced = 0
 
@@ -228,23 +130,11 @@ class PostgresQueue(GroupCommit):
         Raises StoreError naming queue.url (never its password) when the database cannot be
         reached or refuses the login, or was upgraded by a newer relay.
         """
-        pool = await _connect(config)
-        where = redact_url(config.url)
-        try:
-            async with pool.acquire() as conn:
-                await _migrate(conn, where)
-                pending = await conn.fetchval(Q["count_messages"])
-                if pending and member:
-                    await conn.execute(Q["analyze"])
-            outcomes = await _connect(config, durable=False) if forwarding else pool
-        except BaseException:
-            await pool.close()
-            raise
+        db, pending = await Database.open(config, outcomes=forwarding, analyze=member)
         queue = cls(
-            pool,
-            outcomes,
+            db,
             config,
-            pending=int(pending),
+            pending=pending,
             sessions=sessions,
             member=member,
             forwarding=forwarding,
@@ -254,8 +144,7 @@ class PostgresQueue(GroupCommit):
             try:
                 await queue.renew(first=True)
             except BaseException:
-                await queue._outcomes.close()
-                await pool.close()
+                await db.close(config.lease_s)
                 raise
             queue._keeper = asyncio.create_task(queue._keep_leases(), name="queue-leases")
             if forwarding:
@@ -265,11 +154,11 @@ class PostgresQueue(GroupCommit):
 
     @property
     def where(self) -> str:
-        return self._where
+        return self._db.where
 
     @property
     def unavailable(self) -> str | None:
-        return self._down or self.commit_error
+        return self._db.down or self.commit_error
 
     @property
     def session_rules(self) -> SessionRules | None:
@@ -307,34 +196,11 @@ class PostgresQueue(GroupCommit):
                         await task
             if self._member:
                 with contextlib.suppress(StoreError):
-                    async with self._connection() as conn:
+                    async with self._db.connection() as conn:
                         await conn.execute(Q["leave"], self.instance_id)
                 self._leases.lose_all()
         finally:
-            for pool in {self._outcomes, self._pool}:
-                try:
-                    await asyncio.wait_for(pool.close(), self._leases.lease_s)
-                except Exception as exc:  # noqa: BLE001 - nothing is lost: every write is done
-                    log.warning("closing the queue's connections: %s", exc)
-                    pool.terminate()
-
-    @contextlib.asynccontextmanager
-    async def _connection(self, *, outcome: bool = False) -> AsyncIterator[asyncpg.Connection]:
-        """A connection of the pool (`outcome`: of the pool for outcomes, see `_outcomes`);
-        a lost or refused one raises StoreError (the relay answers 503 and retries) and is
-        remembered for /ready until one works again."""
-        pool = self._outcomes if outcome else self._pool
-        try:
-            async with pool.acquire(timeout=10) as conn:
-                yield conn
-        except _UNREACHABLE as exc:
-            self._down = f"the queue database {self._where} cannot be reached: {exc}"
-            raise StoreError(self._down) from exc
-        except asyncpg.PostgresError as exc:
-            if str(exc.sqlstate or "")[:2] not in _TRANSIENT_CLASSES:
-                raise
-            raise StoreError(f"the queue database {self._where} refused: {exc}") from exc
-        self._down = None
+            await self._db.close(self._leases.lease_s)
 
     # --- ingest ---------------------------------------------------------------------------------
 
@@ -343,7 +209,7 @@ class PostgresQueue(GroupCommit):
             return exc
         if isinstance(exc, asyncpg.DiskFullError):
             return StoreFullError(f"the queue database is full: {exc}")
-        return StoreError(f"the queue database {self._where} refused the commit: {exc}")
+        return StoreError(f"the queue database {self._db.where} refused the commit: {exc}")
 
     async def _commit(self, batches: list[list[NewMessage]]) -> Committed:
         """Store the groups' messages with their session events in one transaction.
@@ -356,7 +222,7 @@ class PostgresQueue(GroupCommit):
         messages = [m for ms in batches for m in ms]
         activities = session_activities(messages) if self._rules else {}
         calls = NewMessage.without_repeats(messages)
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             if activities:
                 async with conn.transaction():
                     expansion, new = await self._session_commit(conn, batches, activities, calls)
@@ -436,7 +302,7 @@ class PostgresQueue(GroupCommit):
         gained: list[int] = []
         released: list[int] = []
         try:
-            async with self._connection() as conn:
+            async with self._db.connection() as conn:
                 await conn.execute(
                     Q["join"],
                     self.instance_id,
@@ -490,7 +356,7 @@ class PostgresQueue(GroupCommit):
             if self._stop_keeping.is_set():
                 break
             try:
-                async with self._connection() as conn:
+                async with self._db.connection() as conn:
                     self._pending_count = int(await conn.fetchval(Q["count_messages"]))
                 if 0 in self._usable():
                     await self.vacuum()
@@ -508,7 +374,7 @@ class PostgresQueue(GroupCommit):
         does not count on autovacuum: one relay checks every VACUUM_CHECK_S, from the
         statistics that autovacuum reads too.
         """
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             found = await conn.fetch(Q["dead_rows"], VACUUM_DEAD_ROWS)
             tables = [str(r[0]) for r in found]
             for table in tables:
@@ -548,14 +414,14 @@ class PostgresQueue(GroupCommit):
         if not buckets:
             return DueRead([], 0, 0)
         epochs = self._leases.held
-        async with self._connection(outcome=True) as conn:
+        async with self._db.connection(outcome=True) as conn:
             found = await conn.fetch(
                 Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit
             )
         return DueRead([QueuedMessage.claimed(r[:11], epochs[r[11]]) for r in found], 0, 0)
 
     async def next_retry_at(self) -> float | None:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             earliest = await conn.fetchval(Q["next_retry_at"], self._usable())
         return None if earliest is None else float(earliest)
 
@@ -580,7 +446,7 @@ class PostgresQueue(GroupCommit):
         if not (claims or names or counters):
             return 0
         no_retry = (None, 0.0, None, 0)
-        async with self._connection(outcome=True) as conn:
+        async with self._db.connection(outcome=True) as conn:
             gone, settled = await conn.fetchrow(
                 Q["settle"],
                 self.instance_id,
@@ -614,7 +480,7 @@ class PostgresQueue(GroupCommit):
         return fenced
 
     async def project_names(self) -> list[tuple[str, str]]:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             rows = await conn.fetch(Q["project_names"])
         return [(str(r[0]), str(r[1])) for r in rows]
 
@@ -626,7 +492,7 @@ class PostgresQueue(GroupCommit):
         held = dict(self._leases.held)
         if not held or self._leases.expired(self._clock()):
             return 0
-        async with self._connection(outcome=True) as conn, conn.transaction():
+        async with self._db.connection(outcome=True) as conn, conn.transaction():
             valid = await self._fence(conn, held.items())
             if not valid:
                 return 0
@@ -641,19 +507,19 @@ class PostgresQueue(GroupCommit):
         return len(due)
 
     async def session_stats(self) -> tuple[int, float | None]:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             count, earliest = await conn.fetchrow(Q["session_stats"], self._usable())
         return int(count), None if earliest is None else float(earliest)
 
     async def next_session_expiry(self) -> float | None:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             earliest = await conn.fetchval(Q["next_session_expiry"], self._usable())
         return None if earliest is None else float(earliest)
 
     # --- inspection and administration ----------------------------------------------------------
 
     async def stats(self, now: float) -> QueueStats:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             pending, in_backoff, oldest = await conn.fetchrow(Q["queue_stats"], now)
             dead = await conn.fetch(Q["dead_letter_counts"])
             counters = await conn.fetch(Q["counters"])
@@ -666,24 +532,24 @@ class PostgresQueue(GroupCommit):
         )
 
     async def instances(self) -> list[Instance]:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             rows = await conn.fetch(Q["instances"])
         return [Instance(r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in rows]
 
     async def dead_letters(
         self, limit: int = 100, reason: str | None = None, after: int = 0
     ) -> list[DeadLetter]:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             rows = await conn.fetch(Q["dead_letters"], reason, after, limit)
         return [DeadLetter.from_row(tuple(r)) for r in rows]
 
     async def dead_letter(self, dead_id: int) -> DeadLetter | None:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             row = await conn.fetchrow(Q["dead_letter"], dead_id)
         return None if row is None else DeadLetter.from_row(tuple(row))
 
     async def replay(self, dead_ids: Iterable[int], now: float) -> int:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             status = await conn.execute(Q["replay"], list(dead_ids), now)
         moved = int(status.split()[-1])
         self._added(moved)
@@ -691,11 +557,11 @@ class PostgresQueue(GroupCommit):
         return moved
 
     async def purge_dead_letters(self, older_than: float) -> int:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             status = await conn.execute(Q["purge_dead_letters"], older_than)
         return int(status.split()[-1])
 
     async def prune_dedup(self, now: float) -> int:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             status = await conn.execute(Q["prune_dedup"], now - self._dedup_window_s)
         return int(status.split()[-1])
