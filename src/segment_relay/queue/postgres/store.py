@@ -1,12 +1,12 @@
 """The PostgreSQL queue: any number of relays on one database (docs/queue.md).
 
 With database.py (connections, schema, errors), the only module of this backend that runs
-SQL (kept by name in `queries.sql`; the schema is in `migrations/`). Every relay accepts calls: group commits (queue/ingest.py) insert them with
-their dedup rows and session events, whichever relay takes them. Forwarding is partitioned:
-users hash into buckets (leases.py), each leased to one live relay, which alone reads its
-users' messages, writes their outcomes and closes their sessions, each such write fenced by
-the lease's epoch. A relay that dies stops renewing; after `queue.lease` the others take its
-buckets over.
+SQL (kept by name in `queries.sql`; the schema is in `migrations/`). Every relay accepts
+calls: group commits (queue/ingest.py) insert them with their dedup rows and session events,
+whichever relay takes them. Forwarding is partitioned: users hash into buckets (leases.py),
+each leased to one live relay, which alone reads its users' messages, writes their outcomes
+and closes their sessions, each such write fenced by the lease's epoch. A relay that dies
+stops renewing; after `queue.lease` the others take its buckets over.
 """
 
 from __future__ import annotations
