@@ -178,7 +178,8 @@ class Forwarder:
         """Let the batches in flight finish and write their outcomes, for `grace_s` at most.
 
         Batches still sending then are cancelled: their messages stay queued and go out after
-        the restart; outcomes already received are still written (style.md 7).
+        the restart; outcomes already received are still written (docs/architecture.md,
+        "Cancellation").
         """
         if not self._tasks:
             return
@@ -194,7 +195,7 @@ class Forwarder:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
-        """One wait for new work, a free slot, a timer or stop (style.md 8).
+        """One wait for new work, a free slot, a timer or stop (docs/architecture.md, "One wait").
 
         While the rate limit or a pause allows no request, only for the timer or stop: every
         commit sets new_work, and waking for each changed nothing before the timer anyway.
@@ -557,9 +558,10 @@ class Forwarder:
         names: Sequence[tuple[str, str]] = (),
         now: float,
     ) -> bool:
-        """Write outcomes so that cancellation cannot lose them (style.md 7). Returns whether
-        they were all written: not when the queue's database cannot be reached, nor for
-        messages whose lease passed to another relay (it sends them again)."""
+        """Write outcomes so that cancellation cannot lose them (docs/architecture.md,
+        "Cancellation"). Returns whether they were all written: not when the queue's database
+        cannot be reached, nor for messages whose lease passed to another relay (it sends
+        them again)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
         if self.feed is not None:

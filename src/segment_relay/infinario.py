@@ -1,4 +1,4 @@
-"""The two Infinario API styles: building requests and reading responses (design.md section 3).
+"""The two Infinario API styles: building requests and reading responses (docs/api.md).
 
 Pure: no I/O. `ApiStyle.request(commands)` gives the URL, headers and body to POST;
 `ApiStyle.outcomes(status, headers, body, count, now)` turns the answer into one outcome per

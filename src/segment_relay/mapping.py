@@ -1,4 +1,4 @@
-"""Pure mapping of stored Segment messages to API-neutral Infinario commands (design.md section 4).
+"""Pure mapping of stored Segment messages to API-neutral Infinario commands (docs/mapping.md).
 
 One stored message becomes at most one command: a customer update (identify, alias, group) or
 an event (track, page, screen and the relay's own session events). `infinario.py` renders a

@@ -1,4 +1,4 @@
-"""aiohttp handlers for Segment's HTTP Tracking API (design.md section 2).
+"""aiohttp handlers for Segment's HTTP Tracking API (docs/api.md).
 
 Every accepted call is committed to the queue before the 200 goes out. Every error is JSON
 `{"success": false, "code", "message", "error"}`; capacity problems are 503 with Retry-After,

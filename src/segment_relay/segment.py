@@ -174,7 +174,7 @@ class BatchEnvelope:
 def corrected_timestamp(
     message: dict[str, Any], received_at: float, batch_sent_at: float | None
 ) -> float:
-    """The event time with the client's clock skew removed (design.md section 2).
+    """The event time with the client's clock skew removed (docs/api.md).
 
     `receivedAt - (sentAt - timestamp)` when the client said when it sent the call, else the
     client's own timestamp, else the time the relay received it.

@@ -2,7 +2,7 @@
 
 The store, the session timer, the HTTP client session with the forwarder, and the watchdog
 each live in one `cleanup_ctx` generator, so teardown runs in reverse order and only for what
-started (style.md 1).
+started (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ async def serve(
 
 
 def _handle_signals(app: web.Application, config_path: Path | None) -> asyncio.Event:
-    """SIGTERM/SIGINT set the returned event (a signal only sets an event, style.md 6);
+    """SIGTERM/SIGINT set the returned event (a signal only sets an event, docs/architecture.md);
     SIGHUP reloads. Installed before start-up, so no signal finds the default handler."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

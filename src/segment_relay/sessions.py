@@ -1,4 +1,4 @@
-"""Pure idle-session rules (design.md section 5): no I/O, time passed in.
+"""Pure idle-session rules (docs/sessions.md): no I/O, time passed in.
 
 Page and screen calls (and any configured track events) drive a session per user key
 (`anonymousId`, else `userId`). Event time decides whether a call continues a session; the wall

@@ -1,6 +1,6 @@
 """A fake Infinario-style API on 127.0.0.1, for tests and local development.
 
-It speaks both API styles of design.md section 3, validates every command's shape as the real
+It speaks both API styles of docs/api.md, validates every command's shape as the real
 API would (a malformed command gets a per-command error), records the commands it accepted,
 and can be scripted: per-command `retry`/`error`, whole-request statuses (429, 5xx, 4xx) with
 headers, and delays.

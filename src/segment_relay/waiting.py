@@ -1,5 +1,6 @@
-"""One wait for whichever comes first of several asyncio events and a timeout (style.md 8:
-"new work, timer or stop" is one wait, never a loop of polls)."""
+"""One wait for whichever comes first of several asyncio events and a timeout
+(docs/architecture.md, "One wait": "new work, timer or stop" is one wait, never a loop of
+polls)."""
 
 from __future__ import annotations
 

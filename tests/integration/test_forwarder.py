@@ -1,4 +1,4 @@
-"""The forwarder against the scripted fake API: every outcome row of design.md section 3."""
+"""The forwarder against the scripted fake API: every outcome row of docs/api.md."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def test_mapping_is_total_and_its_output_is_well_formed(message: dict[str, Any],
 
 
 def spec_properties(pairs: list[tuple[str, Any]]) -> tuple[dict[str, Any], int]:
-    """design.md section 4's property pipeline, written as plainly as possible: unpack one
+    """docs/mapping.md's property pipeline, written as plainly as possible: unpack one
     level, `.`/`$` -> `_`, the first of colliding keys wins, the first MAX_PROPERTIES kept."""
     unpacked: list[tuple[str, Any]] = []
     for key, value in pairs:
