@@ -72,14 +72,10 @@ def database() -> Iterator[str]:
 
 
 def pg_config(tmp: Path, api_url: str, url: str, **kwargs: object) -> Path:
-    return relay_config(tmp, api_url, queue={"url": url}, **kwargs)  # type: ignore[arg-type]
-
-
-def strip_path(config: Path) -> Path:
-    """relay_config sets queue.path; the PostgreSQL queue takes url instead."""
+    """The benchmark's relay config (common.relay_config) on the PostgreSQL queue at `url`."""
+    config = relay_config(tmp, api_url, **kwargs)  # type: ignore[arg-type]
     data = yaml.safe_load(config.read_text())
-    data["queue"].pop("path", None)
-    data["queue"].pop("synchronous", None)
+    data["queue"] = {"url": url}  # instead of relay_config's SQLite path and synchronous
     config.write_text(yaml.safe_dump(data))
     return config
 
@@ -105,7 +101,7 @@ def ingest(args: argparse.Namespace) -> None:
                 tmp = Path(d) / f"r{n}"
                 tmp.mkdir()
                 with database() as url, fake_api() as api:
-                    config = strip_path(pg_config(tmp, api.url, url))
+                    config = pg_config(tmp, api.url, url)
                     with relay(config) as daemon:
                         ours = wrk(daemon.url + path, body, seconds=args.seconds)
                 with database() as url:
@@ -140,7 +136,7 @@ async def drain_with(url: str, count: int, tmp: Path) -> float:
     fake = FakeInfinario(record=False)
     runner, api_url = await start_fake(fake)
     try:
-        config = strip_path(pg_config(tmp, api_url, url, rate=UNTHROTTLED))
+        config = pg_config(tmp, api_url, url, rate=UNTHROTTLED)
         started = time.perf_counter()
         with relay(config):
             await until_accepted(fake, count, 900)
@@ -170,7 +166,7 @@ def two_relays(args: argparse.Namespace) -> None:
         configs = []
         for name in ("a", "b"):
             (Path(d) / name).mkdir()
-            configs.append(strip_path(pg_config(Path(d) / name, api.url, url)))
+            configs.append(pg_config(Path(d) / name, api.url, url))
         with relay(configs[0]) as a, relay(configs[1]) as b:
             one = wrk(a.url + "/v1/track", SINGLE, seconds=args.seconds)
             with ThreadPoolExecutor(2) as pool:
@@ -200,9 +196,7 @@ async def failover_once(url: str, tmp: Path) -> float:
         urls = []
         for name in ("a", "b"):
             (tmp / name).mkdir(exist_ok=True)
-            config = strip_path(pg_config(tmp / name, api_url, url, rate=UNTHROTTLED))
-            text = config.read_text().replace("queue:\n", "queue:\n  lease: 15s\n")
-            config.write_text(text)
+            config = pg_config(tmp / name, api_url, url, rate=UNTHROTTLED)
             proc = await asyncio.create_subprocess_exec(
                 str(Path(sys.executable).parent / "segment-relay"),
                 "--log-level",

@@ -27,7 +27,7 @@ import orjson
 from common import AUTH, relay
 from forward import UNTHROTTLED, start_fake
 from ingest import TRACK
-from pg import database, pg_config, strip_path
+from pg import database, pg_config
 from segment_relay.testing import FakeInfinario
 
 TABLES = ("messages", "sessions", "dead_letters", "leases", "counters", "dedup")
@@ -59,14 +59,12 @@ async def sizes(conn: asyncpg.Connection, label: str, accepted: int, delivered: 
 async def soak(url: str, tmp: Path, args: argparse.Namespace) -> None:
     fake = FakeInfinario(record=False)
     runner, api_url = await start_fake(fake)
-    config = strip_path(
-        pg_config(
-            tmp,
-            api_url,
-            url,
-            rate=UNTHROTTLED,
-            sessions={"enabled": not args.no_sessions, "idle_timeout": "30s"},
-        )
+    config = pg_config(
+        tmp,
+        api_url,
+        url,
+        rate=UNTHROTTLED,
+        sessions={"enabled": not args.no_sessions, "idle_timeout": "30s"},
     )
     accepted = 0
     started = time.monotonic()

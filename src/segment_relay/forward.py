@@ -178,8 +178,7 @@ class Forwarder:
         """Let the batches in flight finish and write their outcomes, for `grace_s` at most.
 
         Batches still sending then are cancelled: their messages stay queued and go out after
-        the restart; outcomes already received are still written (docs/architecture.md,
-        "Cancellation").
+        the restart; outcomes already received are still written (docs/architecture.md).
         """
         if not self._tasks:
             return
@@ -558,10 +557,9 @@ class Forwarder:
         names: Sequence[tuple[str, str]] = (),
         now: float,
     ) -> bool:
-        """Write outcomes so that cancellation cannot lose them (docs/architecture.md,
-        "Cancellation"). Returns whether they were all written: not when the queue's database
-        cannot be reached, nor for messages whose lease passed to another relay (it sends
-        them again)."""
+        """Write outcomes so that cancellation cannot lose them (docs/architecture.md); return
+        whether all were written (not when the queue's database cannot be reached, nor for
+        messages whose lease passed to another relay, which sends them again)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
         if self.feed is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from ..config import QueueConfig
 from ..sessions import SessionRules
-from .postgres import PostgresQueue
 from .protocol import Queue
 from .sqlite import SqliteQueue
 
@@ -31,6 +30,9 @@ async def open_queue(
     takes a share of the users' buckets). Raises StoreError when the queue cannot be used.
     """
     if config.url:
+        # Imported here: a relay on SQLite never loads asyncpg (69 ms of import at start-up).
+        from .postgres import PostgresQueue  # noqa: PLC0415
+
         return await PostgresQueue.open(
             config,
             sessions=sessions,

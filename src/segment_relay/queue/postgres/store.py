@@ -437,30 +437,28 @@ class PostgresQueue(GroupCommit):
     ) -> int:
         """Write the outcome of a send in one transaction, for the messages whose lease is
         still this relay's; return how many were not (their new owner sends them again)."""
-        claims: list[tuple[QueuedMessage, str, Retry | None, Failure | None]] = [
-            *((m, "a", None, None) for m in acked),
-            *((r[0], "r", r, None) for r in retry),
-            *((m, "d", None, f) for m, f in dead),
+        # One row a claimed message, as the settle statement's columns: seq, bucket, lease,
+        # outcome, then the retry's (at, error, counts) and the dead letter's failure.
+        none = Failure("")
+        claims = [
+            *((m, "a", 0.0, None, 0, none) for m in acked),
+            *((m, "r", at, error, int(counts), none) for m, at, error, counts in retry),
+            *((m, "d", 0.0, None, 0, f) for m, f in dead),
         ]
         names, counters = list(names), counters or {}
         if not (claims or names or counters):
             return 0
-        no_retry = (None, 0.0, None, 0)
+        rows = [
+            (m.seq, bucket_of(m.user_key), m.lease, outcome, at, error, counts, f.reason,
+             f.detail, f.response_status, f.response_body)
+            for m, outcome, at, error, counts, f in claims
+        ]  # fmt: skip
+        columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(11)]
         async with self._db.connection(outcome=True) as conn:
             gone, settled = await conn.fetchrow(
                 Q["settle"],
                 self.instance_id,
-                [m.seq for m, _, _, _ in claims],
-                [bucket_of(m.user_key) for m, _, _, _ in claims],
-                [m.lease for m, _, _, _ in claims],
-                [outcome for _, outcome, _, _ in claims],
-                [(r or no_retry)[1] for _, _, r, _ in claims],
-                [(r or no_retry)[2] for _, _, r, _ in claims],
-                [int((r or no_retry)[3]) for _, _, r, _ in claims],
-                [f and f.reason for _, _, _, f in claims],
-                [f and f.detail for _, _, _, f in claims],
-                [f and f.response_status for _, _, _, f in claims],
-                [f and f.response_body for _, _, _, f in claims],
+                *columns,
                 now,
                 [k for k, _ in names],
                 [n for _, n in names],
