@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import yaml
 
@@ -84,8 +85,8 @@ def relay_config(tmp: Path, api_url: str, *, rate: float | None = None, **sectio
         "sessions": {"enabled": False},
     }
     for key, value in sections.items():
-        merged = dict(config.get(key, {}))  # type: ignore[call-overload]
-        merged.update(value)  # type: ignore[call-overload]
+        merged: dict[str, object] = {**cast("dict[str, object]", config.get(key, {}))}
+        merged.update(cast("dict[str, object]", value))
         config[key] = merged
     path = tmp / "relay.yaml"
     path.write_text(yaml.safe_dump(config))

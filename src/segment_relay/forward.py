@@ -284,9 +284,11 @@ class Forwarder:
         Anything short of a full batch is decided on a fresh read, as if nothing were ahead.
         """
         if self._claims != self.store.claims:
-            # A lease was lost or given up: what was read ahead may be another relay's now.
+            # A lease was lost, given up or taken: what was read ahead may be another relay's
+            # now, and what earlier reads showed says nothing of a bucket taken over.
             self._claims = self.store.claims
             self._prefetched = []
+            self._coverage.forget()
         if not self._prefetched:
             return None
         busy = self._busy_users

@@ -15,7 +15,7 @@ from segment_relay.config import QueueConfig
 from segment_relay.errors import StoreError
 from segment_relay.queue import open_queue
 from segment_relay.queue.postgres import PostgresQueue
-from segment_relay.queue.postgres.leases import BUCKETS
+from segment_relay.queue.postgres.leases import BUCKETS, bucket_of
 from segment_relay.sessions import SessionRules
 from support import database_url, msg, page
 
@@ -72,6 +72,42 @@ async def test_a_users_calls_acked_one_after_another_by_two_relays_leave_in_orde
         await (a if i % 2 else b).enqueue([msg(i, user="u")])
     owner = a if (await a.due(2000.0, (), 100)) else b
     assert [r.message_id for r in await owner.due(2000.0, (), 100)] == [f"m{i}" for i in range(20)]
+
+
+async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
+    relays: OpenRelay, postgres_url: str
+) -> None:
+    """The forwarder starts a read after what earlier reads saw (horizon.py); a call whose
+    seq was taken before others' but committed after them is still found."""
+    a = await relays()
+    late = await asyncpg.connect(postgres_url)
+    try:
+        # A commit in progress: its dedup row first (as every ingest path), then its seq.
+        transaction = late.transaction()
+        await transaction.start()
+        await late.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
+        late_seq = await late.fetchval(
+            "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
+            " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
+            bucket_of("slow"),
+        )
+        looked = 0
+        for n in range(5):  # commits and reads go on around it
+            await a.enqueue([msg(n, user=f"u{n}")])
+            read = await a.read_due(2000.0, {f"u{i}" for i in range(5)}, 100, looked)
+            assert read.rows == []
+            looked = max(looked, read.looked)
+        assert looked < late_seq
+        await transaction.commit()
+        found = (await a.read_due(2000.0, set(), 100, looked)).rows
+        assert found[0].message_id == "late"
+    finally:
+        await late.close()
+    # With nothing in progress, reads come to trust everything they saw, up to the newest.
+    for _ in range(3):
+        read = await a.read_due(2000.0, {"slow", *(f"u{i}" for i in range(5))}, 100, 0)
+    newest = (await sql(postgres_url, "SELECT MAX(seq) FROM messages"))[0][0]
+    assert read.looked == newest
 
 
 async def test_one_session_per_user_across_relays(relays: OpenRelay, postgres_url: str) -> None:

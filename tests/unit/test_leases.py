@@ -47,3 +47,12 @@ def test_a_drained_bucket_is_released_once_its_batches_ended_or_a_lease_passed()
     leases.sending.update([1])
     assert leases.to_release(now=24.0, after_s=5.0) == []
     assert leases.to_release(now=25.0, after_s=5.0) == [1]  # a whole lease: released anyway
+
+
+def test_taking_a_bucket_changes_the_claims() -> None:
+    leases = Leases(lease_s=15.0)
+    changes = leases.changes
+    assert leases.gained([(7, 1)]) == [7]
+    assert leases.changes == changes + 1
+    leases.gained([])
+    assert leases.changes == changes + 1

@@ -60,8 +60,9 @@ class Queue(Protocol):
 
     @property
     def claims(self) -> int:
-        """A number that changes whenever messages read before may no longer be this
-        process's to send (a lease lost or given up): rows read ahead are dropped then."""
+        """A number that changes whenever the buckets this process sends from change (a
+        lease lost, given up or taken): rows read ahead may be another's now, and what
+        earlier reads showed says nothing of a bucket taken over."""
 
     @property
     def session_rules(self) -> SessionRules | None:

@@ -54,7 +54,7 @@ class Leases:
     # Buckets being given up (bucket -> when that began): no longer read from, released once
     # the batches claimed before have had time to finish.
     draining: dict[int, float] = field(default_factory=dict)
-    # Changes whenever a bucket is lost or given up (see Queue.claims).
+    # Changes whenever a bucket is lost, given up or taken (see Queue.claims).
     changes: int = 0
     # Batches in flight per bucket (a batch counts once in each of its users' buckets): a
     # bucket being given up is released only once they have ended.
@@ -76,6 +76,8 @@ class Leases:
         """Add buckets just acquired; return them."""
         new = dict(taken)
         self.held.update(new)
+        if new:
+            self.changes += 1
         return sorted(new)
 
     def expired(self, now: float) -> bool:

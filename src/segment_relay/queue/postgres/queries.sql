@@ -10,7 +10,8 @@ SELECT COALESCE(MAX(version), 0) FROM segment_relay_schema;
 -- dedup window are recorded (a messageId accepted before within the window is left out, also
 -- when another relay's transaction has it: the insert waits for that one to end), and the
 -- calls with those are stored in acceptance order. Dedup rows are inserted sorted, so that
--- two relays' commits cannot deadlock on them. Returns the stored (source, message_id).
+-- two relays' commits cannot deadlock on them. Returns the positions (from 1) of the calls
+-- left out as repeats: usually none, so a commit of thousands of calls answers no rows.
 WITH input AS (
     SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::text[], $7::float8[])
@@ -21,12 +22,14 @@ WITH input AS (
     ON CONFLICT (source, message_id) DO UPDATE SET received_at = excluded.received_at
     WHERE d.received_at < excluded.received_at - $8
     RETURNING source, message_id
+), stored AS (
+    INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
+    SELECT i.bucket, i.source, i.message_id, i.user_key, i.type, i.body, i.received_at
+    FROM input AS i JOIN new USING (source, message_id)
+    ORDER BY i.ord
 )
-INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
-SELECT i.bucket, i.source, i.message_id, i.user_key, i.type, i.body, i.received_at
-FROM input AS i JOIN new USING (source, message_id)
-ORDER BY i.ord
-RETURNING source, message_id;
+SELECT i.ord FROM input AS i LEFT JOIN new USING (source, message_id)
+WHERE new.message_id IS NULL;
 
 -- name: record_ids
 -- The dedup step of insert_calls alone, for a commit with session activity (whose rules need
@@ -70,25 +73,41 @@ SELECT COUNT(*) FROM messages;
 -- name: due_messages
 -- Due: in a bucket this relay holds (one of $2, which it renewed in time by its own clock,
 -- and still its own by the database's: a relay paused past its lease reads nothing of what
--- it lost), its retry time has come, no earlier message of its user waits for a retry, and
--- its user has no batch in flight here ($4). The buckets are one array computed once, so
--- that the plan reads the oldest rows in order whatever the leases' statistics say. The
--- bucket comes last: the caller stamps each row with its lease's epoch.
-SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at, m.attempts,
-       m.next_attempt_at, m.first_attempt_at, m.last_error, m.bucket
-FROM messages AS m
-WHERE m.bucket = ANY(ARRAY(
-        SELECT bucket FROM leases
-        WHERE owner = $1 AND expires_at > now() AND bucket = ANY($2::smallint[])))
-  AND m.next_attempt_at <= $3
-  AND NOT (m.user_key = ANY($4::text[]))
-  AND NOT EXISTS (
-      SELECT 1 FROM messages AS earlier
-      WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
-        AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > $3
-  )
-ORDER BY m.seq
-LIMIT $5;
+-- it lost), after seq $6, its retry time has come, no earlier message of its user waits for
+-- a retry, and its user has no batch in flight here ($4). The buckets are one array computed
+-- once, so that the plan reads the oldest rows in order whatever the leases' statistics say.
+-- The bucket comes last: the caller stamps each row with its lease's epoch.
+-- Every row starts with what horizon.py needs to know how far the read saw everything (the
+-- snapshot's xmin and xmax and the sequence's last value) and the count of dead letters ever
+-- replayed (they come back under their old seqs); with no message due, only those come back.
+WITH horizon AS (
+    SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax,
+           (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_seq_seq)
+               AS allocated,
+           (SELECT COALESCE(SUM(value), 0) FROM counters WHERE name = 'replayed')::bigint
+               AS replayed
+    FROM pg_current_snapshot() AS s
+)
+SELECT h.xmin, h.xmax, h.allocated, h.replayed, d.*
+FROM horizon AS h LEFT JOIN LATERAL (
+    SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
+           m.attempts, m.next_attempt_at, m.first_attempt_at, m.last_error, m.bucket
+    FROM messages AS m
+    WHERE m.bucket = ANY(ARRAY(
+            SELECT bucket FROM leases
+            WHERE owner = $1 AND expires_at > now() AND bucket = ANY($2::smallint[])))
+      AND m.seq > $6
+      AND m.next_attempt_at <= $3
+      AND NOT (m.user_key = ANY($4::text[]))
+      AND NOT EXISTS (
+          SELECT 1 FROM messages AS earlier
+          WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
+            AND earlier.next_attempt_at > 0 AND earlier.next_attempt_at > $3
+      )
+    ORDER BY m.seq
+    LIMIT $5
+) AS d ON true
+ORDER BY d.seq;
 
 -- name: dead_rows
 -- The queue's tables with more than $1 dead rows (the statistics autovacuum reads too).
@@ -215,9 +234,15 @@ FROM dead_letters WHERE id = $1;
 -- name: replay
 -- A replayed dead letter goes back under its original seq, so it keeps its place in its
 -- user's order; its attempts and its max_age clock start again.
+-- The replays are counted (by $3, as the other counters): a forwarder that skips what its
+-- earlier reads saw reads from the start again when the count changes.
 WITH moved AS (
     DELETE FROM dead_letters WHERE id = ANY($1::bigint[])
     RETURNING seq, bucket, source, message_id, user_key, type, body
+), counted AS (
+    INSERT INTO counters (name, owner, value)
+    SELECT 'replayed', $3, COUNT(*) FROM moved HAVING COUNT(*) > 0
+    ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
 )
 INSERT INTO messages (seq, bucket, source, message_id, user_key, type, body, received_at)
 SELECT seq, bucket, source, message_id, user_key, type, body, $2 FROM moved ORDER BY seq;

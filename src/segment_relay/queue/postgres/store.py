@@ -40,6 +40,7 @@ from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..session_rows import Expansion, expand, session_activities
 from .database import Database, Q
+from .horizon import Horizon
 from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class PostgresQueue(GroupCommit):
         self._forwarding = forwarding
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._leases = Leases(config.lease_s)
+        self._horizon = Horizon()
         self._keeper: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._stop_keeping = asyncio.Event()
@@ -228,8 +230,17 @@ class PostgresQueue(GroupCommit):
                     expansion, new = await self._session_commit(conn, batches, activities, calls)
             else:
                 expansion = Expansion([(ms, 0) for ms in batches], [], 0)
-                stored = await conn.fetch(Q["insert_calls"], *_columns(calls), self._dedup_window_s)
-                new = {(r[0], r[1]) for r in stored}
+                left_out = [
+                    calls[r[0] - 1]
+                    for r in await conn.fetch(
+                        Q["insert_calls"], *_columns(calls), self._dedup_window_s
+                    )
+                ]
+                if not left_out and len(calls) == len(messages):
+                    # The usual commit: every call was new.
+                    return Committed([len(ms) for ms in batches], 0, 0, None)
+                new = {(m.source, m.message_id) for m in calls}
+                new -= {(m.source, m.message_id) for m in left_out}
         stored_ids = {id(m) for m in calls if (m.source, m.message_id) in new}
         counts = [sum(id(m) in stored_ids for m in ms) for ms in batches]
         session_rows = sum(n for _, n in expansion.groups)
@@ -408,17 +419,20 @@ class PostgresQueue(GroupCommit):
     async def read_due(
         self, now: float, busy_users: Iterable[str], limit: int, after: int = 0
     ) -> DueRead:
-        """The due messages of this relay's buckets. `after` is not used: sequence values are
-        not in commit order, so every read starts from the beginning (`looked` is 0)."""
+        """The due messages of this relay's buckets with a seq above `after`, how far the
+        read saw everything (horizon.py) and the count of replays (see DueRead)."""
         buckets = self._usable()
         if not buckets:
             return DueRead([], 0, 0)
         epochs = self._leases.held
         async with self._db.connection(outcome=True) as conn:
             found = await conn.fetch(
-                Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit
+                Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit, after
             )
-        return DueRead([QueuedMessage.claimed(r[:11], epochs[r[11]]) for r in found], 0, 0)
+        xmin, xmax, allocated, replayed = found[0][:4]
+        rows = [QueuedMessage.claimed(r[4:15], epochs[r[15]]) for r in found if r[4] is not None]
+        last_seq = rows[-1].seq if len(rows) >= limit else None
+        return DueRead(rows, self._horizon.looked(xmin, xmax, allocated, last_seq), replayed)
 
     async def next_retry_at(self) -> float | None:
         async with self._db.connection() as conn:
@@ -491,6 +505,8 @@ class PostgresQueue(GroupCommit):
         if not held or self._leases.expired(self._clock()):
             return 0
         async with self._db.connection(outcome=True) as conn, conn.transaction():
+            # The fence's row locks give the transaction its id before it takes seqs
+            # (horizon.py relies on that).
             valid = await self._fence(conn, held.items())
             if not valid:
                 return 0
@@ -548,7 +564,7 @@ class PostgresQueue(GroupCommit):
 
     async def replay(self, dead_ids: Iterable[int], now: float) -> int:
         async with self._db.connection() as conn:
-            status = await conn.execute(Q["replay"], list(dead_ids), now)
+            status = await conn.execute(Q["replay"], list(dead_ids), now, self.instance_id)
         moved = int(status.split()[-1])
         self._added(moved)
         self.new_work.set()

@@ -1,0 +1,54 @@
+"""Up to which seq a read of the PostgreSQL queue saw everything (docs/queue.md, "Reads
+that skip").
+
+Pure: no SQL here. The forwarder skips what earlier reads showed (batching.Coverage): without
+that, a user with a long backlog and a batch in flight makes every read step over the whole
+backlog to find nothing else (bench/pg.py: PostgreSQL's CPU per call forwarded grew with the
+backlog). But a seq is handed out before its transaction commits, so a read can see seq 150
+while seq 100 is not committed yet; a later read that starts after 150 would step over 100,
+and send that user's later calls before it.
+
+So a read trusts only seqs that every transaction which could still commit them has ended
+for. Each read reports its snapshot's `xmin` (the oldest transaction still running) and
+`xmax` (the next transaction id), and the sequence's last value, read after the snapshot was
+taken. Every path that takes a seq has its transaction id before (it writes a dedup row or
+locks a row first), so a seq handed out by the time read k-1 read the sequence belongs to a
+transaction id below read k's `xmax`. Once a later read's `xmin` has reached that `xmax`,
+those transactions have all ended, and the seqs up to that value are committed or never will
+be: from then on a read sees all of them (the sequence hands out one value at a time; a
+cached sequence would break this).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+# Reads remembered while their seqs wait to be trusted (each newer one covers the older).
+PENDING = 8
+
+
+@dataclass
+class Horizon:
+    # Every seq up to it has been committed or will never be.
+    trusted: int = 0
+    # (seq value, xmax): the seqs up to the value are trusted once a read's xmin reaches xmax.
+    _pending: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=PENDING))
+    # The sequence's last value at the previous read.
+    _allocated: int | None = None
+
+    def read(self, xmin: int, xmax: int, allocated: int) -> int:
+        """Take in one read's snapshot and the sequence's last value (read during it); return
+        up to which seq that read saw every message that will ever have one."""
+        if self._allocated is not None:
+            self._pending.append((self._allocated, xmax))
+        self._allocated = allocated
+        while self._pending and self._pending[0][1] <= xmin:
+            self.trusted = max(self.trusted, self._pending.popleft()[0])
+        return self.trusted
+
+    def looked(self, xmin: int, xmax: int, allocated: int, last_seq: int | None) -> int:
+        """DueRead.looked for a read: up to `last_seq` when it stopped at its limit there,
+        else as far as it saw everything."""
+        trusted = self.read(xmin, xmax, allocated)
+        return trusted if last_seq is None else min(trusted, last_seq)
