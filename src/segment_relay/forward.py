@@ -284,8 +284,7 @@ class Forwarder:
         Anything short of a full batch is decided on a fresh read, as if nothing were ahead.
         """
         if self._claims != self.store.claims:
-            # A lease was lost, given up or taken: what was read ahead may be another relay's
-            # now, and what earlier reads showed says nothing of a bucket taken over.
+            # The buckets changed (see Queue.claims): forget what was read and seen before.
             self._claims = self.store.claims
             self._prefetched = []
             self._coverage.forget()
