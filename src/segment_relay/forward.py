@@ -284,7 +284,6 @@ class Forwarder:
         Anything short of a full batch is decided on a fresh read, as if nothing were ahead.
         """
         if self._claims != self.store.claims:
-            # The buckets changed (see Queue.claims): forget what was read and seen before.
             self._claims = self.store.claims
             self._prefetched = []
             self._coverage.forget()
