@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__
+from . import __version__, jsontext
 from .config import Config, load_config, parse_duration, redact_url
 from .errors import ConfigError, StoreError
 from .queue import Queue, open_queue
@@ -342,8 +342,8 @@ async def _dead_letter_action(store: Queue, args: argparse.Namespace) -> int:
         if dead is None:
             print(f"segment-relay: no dead letter {args.id}", file=sys.stderr)
             return EXIT_USAGE
-        record = {**dead.__dict__, "body": orjson.loads(dead.body)}
-        print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+        record = {**dead.__dict__, "body": jsontext.loads(dead.body)}
+        print(jsontext.dumps_indented(record))
         return 0
     if args.action == "replay":
         ids = list(args.ids)

@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-import orjson
 from aiohttp import web
+
+from . import jsontext
 
 log = logging.getLogger(__name__)
 QUEUE_LIMIT = 10_000  # entries a slow page may fall behind before it is dropped
@@ -32,7 +33,7 @@ class DebugFeed:
         self.watchers: set[asyncio.Queue[bytes]] = set()
 
     def publish(self, entry: dict[str, Any]) -> None:
-        data = orjson.dumps({**entry, "at": time.time()})
+        data = jsontext.dumps({**entry, "at": time.time()})
         self.history.append(data)
         for queue in list(self.watchers):
             if queue.qsize() >= QUEUE_LIMIT:

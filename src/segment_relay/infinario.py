@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from . import jsontext
 from .config import DestinationConfig
 from .errors import PermanentSendError, SendError, TransientSendError
 from .mapping import Command
@@ -167,7 +168,7 @@ class LegacyApi(ApiStyle):
         }
 
     def request(self, commands: Sequence[Command]) -> Request:
-        body = orjson.dumps({"commands": [self.render(c) for c in commands]})
+        body = jsontext.dumps({"commands": [self.render(c) for c in commands]})
         return Request(f"{self.config.base_url}/bulk", {"Content-Type": "application/json"}, body)
 
     def result(self, item: Any) -> CommandResult:
@@ -209,7 +210,7 @@ class ExponeaApi(ApiStyle):
     def request(self, commands: Sequence[Command]) -> Request:
         url = f"{self.config.base_url}/track/v2/projects/{self.config.project_token}/batch"
         headers = {"Content-Type": "application/json", "Authorization": self.authorization()}
-        body = orjson.dumps({"commands": [self.render(c) for c in commands]})
+        body = jsontext.dumps({"commands": [self.render(c) for c in commands]})
         return Request(url, headers, body)
 
     def result(self, item: Any) -> CommandResult:

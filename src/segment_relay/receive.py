@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import jsontext
 from .config import Config, SourceConfig
 from .debugger import DebugFeed
 from .errors import StoreError, StoreFullError
@@ -201,8 +202,8 @@ class Receiver:
                 )
             chunks.append(chunk)
         try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as exc:
+            return jsontext.loads(b"".join(chunks))
+        except jsontext.InvalidJSONError as exc:
             raise ApiError(
                 400, "invalid_json", f"the request body is not valid JSON: {exc}"
             ) from exc
@@ -329,7 +330,7 @@ class Receiver:
         message = validate(raw, kind)
         received_at = self.clock()
         enriched = enrich(message, received_at, envelope)
-        encoded = orjson.dumps(enriched)
+        encoded = jsontext.dumps(enriched)
         limit = self.config.server.max_message_bytes
         if len(encoded) > limit:
             raise MessageTooLargeError(

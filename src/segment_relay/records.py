@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
-import orjson
-
+from . import jsontext
 from .sessions import Activity, SessionEvent
 
 
@@ -102,7 +101,7 @@ class QueuedMessage(NamedTuple):
     @property
     def message(self) -> dict[str, Any]:
         """The stored message, parsed (again at each use)."""
-        parsed: dict[str, Any] = orjson.loads(self.body)
+        parsed: dict[str, Any] = jsontext.loads(self.body)
         return parsed
 
 

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
 import aiohttp
-import orjson
 
+from . import jsontext
 from .config import DestinationConfig
 from .errors import TransientSendError
 from .infinario import ApiStyle, CommandResult, Outcome
@@ -80,6 +80,6 @@ class DryRunSender:
 
     async def send(self, commands: Sequence[Command]) -> list[CommandResult]:
         for command in commands:
-            self.out.write(orjson.dumps(self.style.render(command)).decode() + "\n")
+            self.out.write(jsontext.dumps(self.style.render(command)).decode() + "\n")
         self.out.flush()
         return [CommandResult(Outcome.OK) for _ in commands]

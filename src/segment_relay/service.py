@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-import orjson
 from aiohttp import web
 
-from . import debugger, ops
+from . import debugger, jsontext, ops
 from .appkeys import (
     CONFIG,
     DEBUG_FEED,
@@ -353,7 +352,7 @@ async def dev(workdir: Path, *, port: int, fake: bool) -> int:
     if fake:
 
         def show(command: dict[str, Any]) -> None:
-            print("fake Infinario received:", orjson.dumps(command).decode(), flush=True)
+            print("fake Infinario received:", jsontext.dumps(command).decode(), flush=True)
 
         fake_runner = web.AppRunner(FakeInfinario(on_command=show).app(), access_log=None)
         await fake_runner.setup()

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from . import jsontext
 from .segment import format_time, parse_time
 
 _ID_FIELDS = ("userId", "anonymousId")
@@ -146,7 +147,7 @@ class SessionRules:
             wall_time,
             ids,
             # A str: the bytes orjson makes take 4 KiB however short they are.
-            orjson.dumps(context).decode() if isinstance(context, dict) and context else None,
+            jsontext.dumps(context).decode() if isinstance(context, dict) and context else None,
         )
 
     def on_activity(

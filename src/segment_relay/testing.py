@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
+
+from . import jsontext
 
 LEGACY_NAMES = ("crm/customers", "crm/events")
 V2_NAMES = ("customers", "customers/events")
@@ -207,8 +208,8 @@ class FakeInfinario:
         self, request: web.Request, check: Callable[[Any], list[str]], *, legacy: bool
     ) -> web.StreamResponse:
         try:
-            payload = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
+            payload = jsontext.loads(await request.read())
+        except jsontext.InvalidJSONError:
             return web.json_response({"success": False, "message": "body is not JSON"}, status=400)
         commands = payload.get("commands") if isinstance(payload, dict) else None
         if not isinstance(commands, list):

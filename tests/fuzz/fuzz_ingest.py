@@ -1,7 +1,10 @@
 """atheris target: bytes as a request body through the receiver's checks and the mapping.
 
-Anything the receiver would accept must map without MappingError and render as JSON; nothing
-may raise but the documented refusals. Run: python tests/fuzz/fuzz_ingest.py -runs=N -seed=S
+Anything the receiver would accept must map without MappingError and render as JSON, and
+come back from the queue's JSON as it went in (integers of any size keep their digits);
+nothing may raise but the documented refusals; a good message in a batch is accepted whatever
+its neighbours hold (lone surrogates, huge numbers: the corpus has both).
+Run: python tests/fuzz/fuzz_ingest.py -runs=N -seed=S
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import time
 import atheris
 
 with atheris.instrument_imports():
-    import orjson
-
+    from segment_relay import jsontext
     from segment_relay.config import DestinationConfig
     from segment_relay.infinario import api_style
     from segment_relay.mapping import MappingSettings, map_message
@@ -31,24 +33,27 @@ STYLES = [
 ]
 SETTINGS = MappingSettings()
 NOW = time.time()
+NEIGHBOUR = {"type": "track", "userId": "u", "event": "e", "properties": {"n": 1}}
 
 
-def accept(raw: object, kind: str | None, envelope: BatchEnvelope) -> None:
+def accept(raw: object, kind: str | None, envelope: BatchEnvelope) -> bool:
     try:
         message = enrich(validate(raw, kind), NOW, envelope)
     except InvalidMessageError:
-        return
-    stored = orjson.loads(orjson.dumps(message))  # as the forwarder reads it back
+        return False
+    stored = jsontext.loads(jsontext.dumps(message))  # as the forwarder reads it back
+    assert stored == message, (stored, message)
     command = map_message(stored, SETTINGS)  # a MappingError here is a bug: the receiver let it in
     if command is not None:
         for style in STYLES:
-            orjson.dumps(style.render(command))
+            jsontext.dumps(style.render(command))
+    return True
 
 
 def test_one(data: bytes) -> None:
     try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        body = jsontext.loads(data)
+    except jsontext.InvalidJSONError:
         return
     if isinstance(body, dict) and isinstance(body.get("batch"), list):
         context = body.get("context")
@@ -57,6 +62,7 @@ def test_one(data: bytes) -> None:
         )
         for item in body["batch"]:
             accept(item, None, envelope)
+        assert accept(dict(NEIGHBOUR), None, envelope)
     else:
         accept(body, "track", BatchEnvelope())
         accept(body, "identify", BatchEnvelope())

@@ -1,0 +1,130 @@
+"""JSON read as Segment reads it (docs/api.md, "JSON"), with the official clients: a lone
+surrogate does not cost a batch, and integers of any size keep their digits to the
+destination, in both API styles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from segment.analytics import Client
+
+from segment_relay.testing import FakeInfinario
+from support import (
+    NODE_DIR,
+    WRITE_KEY,
+    install_node_client,
+    make_config,
+    requires,
+    running_fake,
+    running_relay,
+)
+
+pytestmark = pytest.mark.acceptance
+BROKEN = "broken \ud83d emoji"  # a truncated emoji: a high surrogate without its pair
+MENDED = "broken \ufffd emoji"
+ORDER_ID = 12345678901234567890123
+BALANCE = -1234567890123456789012345
+
+
+def send_one_batch(url: str, calls: list[dict[str, Any]]) -> None:
+    """The calls as one batch of segment-analytics-python (it sends when it holds them all)."""
+    errors: list[str] = []
+    client = Client(
+        WRITE_KEY,
+        host=url,
+        max_retries=0,
+        upload_size=len(calls),
+        upload_interval=30,
+        on_error=lambda exc, _items: errors.append(str(exc)),
+    )
+    for call in calls:
+        client.track(**call)
+    client.flush()  # waits until the batch was answered
+    for consumer in client.consumers or []:
+        consumer.pause()  # its thread (a daemon) ends at its next look at the queue
+    assert errors == []
+
+
+def properties(command: dict[str, Any]) -> dict[str, Any]:
+    return dict(command["data"]["properties"])
+
+
+@pytest.mark.parametrize("api", ["infinario", "exponea"])
+async def test_a_lone_surrogate_and_huge_integers_reach_the_destination(
+    tmp_path: Path, api: str
+) -> None:
+    fake = FakeInfinario(api_key="KEY")
+    calls = [{"user_id": f"u{n}", "event": "Viewed", "properties": {"n": n}} for n in range(6)] + [
+        {
+            "user_id": "u6",
+            "event": "Order Completed",
+            "properties": {"note": BROKEN, BROKEN: "key", "order_id": ORDER_ID, "balance": BALANCE},
+        }
+    ]
+    async with running_fake(fake) as (_, api_server):
+        config = make_config(
+            tmp_path / "q.db",
+            api_server.url,
+            destination={"api": api, "api_key": "KEY"},
+            sessions={"enabled": False},
+        )
+        async with running_relay(config) as relay:
+            await asyncio.to_thread(send_one_batch, relay.url, calls)
+            commands = await fake.wait_for_commands(7)
+    events = {properties(c).get("n", "order"): properties(c) for c in commands}
+    assert sorted(events, key=str) == [0, 1, 2, 3, 4, 5, "order"]
+    order = events["order"]
+    assert order["note"] == MENDED
+    assert order[MENDED] == "key"
+    assert type(order["order_id"]) is int
+    assert order["order_id"] == ORDER_ID
+    assert order["balance"] == BALANCE
+
+
+@requires("node", "npm")
+async def test_the_node_client_batch_with_a_lone_surrogate_is_delivered_whole(
+    tmp_path: Path,
+) -> None:
+    """analytics-node sends JSON.stringify's text: a lone surrogate as `\\ud83d`. (A
+    JavaScript number cannot hold a 23-digit integer; JSON.rawJSON can, where the runtime
+    has it: Node 20 behind a flag.)"""
+    node = await asyncio.to_thread(install_node_client)
+    fake = FakeInfinario()
+    calls = [
+        ["track", {"userId": f"u{n}", "event": "Viewed", "properties": {"n": n}}] for n in range(4)
+    ]
+    calls.append(
+        [
+            "track",
+            {
+                "userId": "u4",
+                "event": "Order Completed",
+                "properties": {"note": BROKEN, "order_id": {"$rawJSON": str(ORDER_ID)}},
+            },
+        ]
+    )
+    async with running_fake(fake) as (_, api_server):
+        config = make_config(tmp_path / "q.db", api_server.url, sessions={"enabled": False})
+        async with running_relay(config) as relay:
+            process = await asyncio.create_subprocess_exec(
+                str(node),
+                "--harmony-json-parse-with-source",
+                str(NODE_DIR / "send.mjs"),
+                relay.url,
+                json.dumps(calls),
+                WRITE_KEY,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            async with asyncio.timeout(60):
+                _, err = await process.communicate()
+            assert process.returncode == 0, err.decode()
+            commands = await fake.wait_for_commands(5)
+    events = {properties(c).get("n", "order"): properties(c) for c in commands}
+    assert sorted(events, key=str) == [0, 1, 2, 3, "order"]
+    assert events["order"]["note"] == MENDED
+    assert events["order"]["order_id"] == ORDER_ID
