@@ -342,7 +342,11 @@ async def _dead_letter_action(store: Queue, args: argparse.Namespace) -> int:
         if dead is None:
             print(f"segment-relay: no dead letter {args.id}", file=sys.stderr)
             return EXIT_USAGE
-        record = {**dead.__dict__, "body": jsontext.loads(dead.body)}
+        try:
+            body: Any = jsontext.loads_stored(dead.body)
+        except ValueError:  # a refused message's raw text, cut at the size limit
+            body = dead.body
+        record = {**dead.__dict__, "body": body}
         print(jsontext.dumps_indented(record))
         return 0
     if args.action == "replay":

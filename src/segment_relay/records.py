@@ -101,7 +101,7 @@ class QueuedMessage(NamedTuple):
     @property
     def message(self) -> dict[str, Any]:
         """The stored message, parsed (again at each use)."""
-        parsed: dict[str, Any] = jsontext.loads(self.body)
+        parsed: dict[str, Any] = jsontext.loads_stored(self.body)
         return parsed
 
 

@@ -94,7 +94,7 @@ class SessionEvent(NamedTuple):
             message["properties"] = {
                 "duration": round(session.last_activity - session.started_at, 3)
             }
-        return orjson.dumps(message).decode()
+        return jsontext.stored(orjson.dumps(message))
 
 
 class Activity(NamedTuple):

@@ -41,7 +41,7 @@ def accept(raw: object, kind: str | None, envelope: BatchEnvelope) -> bool:
         message = enrich(validate(raw, kind), NOW, envelope)
     except InvalidMessageError:
         return False
-    stored = jsontext.loads(jsontext.dumps(message))  # as the forwarder reads it back
+    stored = jsontext.loads_stored(jsontext.dumps(message).decode())  # as the forwarder reads it
     assert stored == message, (stored, message)
     command = map_message(stored, SETTINGS)  # a MappingError here is a bug: the receiver let it in
     if command is not None:
