@@ -16,10 +16,10 @@ from typing import Any
 
 import orjson
 
-from . import __version__, jsontext
-from .config import Config, load_config, parse_duration, redact_url
+from . import __version__, dead_letters_cli
+from .config import Config, load_config, redact_url
 from .errors import ConfigError, StoreError
-from .queue import Queue, open_queue
+from .queue import open_queue
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -113,22 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         help="forward to a fake Infinario API in the same process",
     )
 
-    dead = commands.add_parser("dead-letters", help="list, show, replay or purge dead letters")
-    dead_commands = dead.add_subparsers(dest="action", required=True)
-    listing = dead_commands.add_parser("list", help="one line per dead letter, oldest first")
-    listing.add_argument("--reason", help="only those dead-lettered for this reason")
-    listing.add_argument("--limit", type=int, default=100)
-    show = dead_commands.add_parser("show", help="one dead letter in full, as JSON")
-    show.add_argument("id", type=int)
-    replay = dead_commands.add_parser("replay", help="move dead letters back to the queue")
-    replay.add_argument("ids", type=int, nargs="*", help="the dead letters to replay")
-    replay.add_argument("--reason", help="replay every dead letter with this reason")
-    purge = dead_commands.add_parser("purge", help="delete dead letters")
-    purge.add_argument(
-        "--older-than", default="0s", help="only those last tried before this long ago (e.g. 7d)"
-    )
-    for sub in (listing, show, replay, purge):
-        sub.add_argument("-c", "--config", required=True)
+    dead_letters_cli.add_parser(commands)
 
     fake = commands.add_parser(
         "fake-infinario", help="run a fake Infinario API that prints what it receives"
@@ -151,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "status": _status,
         "fake-infinario": _fake,
-        "dead-letters": _dead_letters,
+        "dead-letters": dead_letters_cli.run,
         "dev": _dev,
     }[args.command]
     try:
@@ -310,59 +295,6 @@ def _fake(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def _dead_letters(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.action == "replay" and not args.ids and not args.reason:
-        print("segment-relay: dead-letters replay needs IDs or --reason", file=sys.stderr)
-        return EXIT_USAGE
-
-    async def run() -> int:
-        store = await open_queue(config.queue, daemon=False)
-        try:
-            return await _dead_letter_action(store, args)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
-async def _dead_letter_action(store: Queue, args: argparse.Namespace) -> int:
-    now = time.time()
-    if args.action == "list":
-        for d in await store.dead_letters(limit=args.limit, reason=args.reason):
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.last_attempt_at))
-            print(f"{d.id}\t{when}\t{d.reason}\t{d.type}\t{d.message_id}\t{d.detail[:120]}")
-        return 0
-    if args.action == "show":
-        dead = await store.dead_letter(args.id)
-        if dead is None:
-            print(f"segment-relay: no dead letter {args.id}", file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            body: Any = jsontext.loads_stored(dead.body)
-        except ValueError:  # a refused message's raw text, cut at the size limit
-            body = dead.body
-        record = {**dead.__dict__, "body": body}
-        print(jsontext.dumps_indented(record))
-        return 0
-    if args.action == "replay":
-        ids = list(args.ids)
-        if args.reason:
-            after = 0
-            while batch := await store.dead_letters(limit=1000, reason=args.reason, after=after):
-                ids.extend(d.id for d in batch)
-                after = batch[-1].id
-        print(f"replayed {await store.replay(ids, now)} dead letters")
-        return 0
-    older = parse_duration(args.older_than, "--older-than")
-    print(f"purged {await store.purge_dead_letters(now - older)} dead letters")
-    return 0
-
-
 def _dev(args: argparse.Namespace) -> int:
     from .service import dev
 
@@ -371,3 +303,7 @@ def _dev(args: argparse.Namespace) -> int:
         _daemon_runner() as runner,
     ):
         return runner.run(dev(Path(workdir), port=args.port, fake=args.fake_infinario))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

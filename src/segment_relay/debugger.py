@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from . import jsontext
+from .records import Refusal
 
 log = logging.getLogger(__name__)
 QUEUE_LIMIT = 10_000  # entries a slow page may fall behind before it is dropped
@@ -44,6 +45,23 @@ class DebugFeed:
     def received(self, source: str, message: dict[str, Any]) -> None:
         entry = {"kind": "received", "id": message.get("messageId"), "source": source}
         self.publish({**entry, "message": message})
+
+    def refused(self, refusal: Refusal) -> None:
+        """A message refused at ingest, shown with its reason (never queued)."""
+        try:
+            message = jsontext.loads(refusal.body.encode())
+        except jsontext.InvalidJSONError:  # cut at the size limit
+            message = refusal.body
+        self.publish(
+            {
+                "kind": "refused",
+                "id": f"refused:{refusal.source}:{refusal.received_at}:{refusal.message_id}",
+                "source": refusal.source,
+                "message": message if isinstance(message, dict) else {"value": message},
+                "reason": refusal.reason,
+                "detail": refusal.detail,
+            }
+        )
 
     def sending(self, message_id: str, command: dict[str, Any]) -> None:
         self.publish({"kind": "command", "id": message_id, "command": command})

@@ -41,6 +41,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.requests_refused = Counter(
+            "segment_relay_requests_refused",
+            "Requests refused whole (4xx) by reason: invalid_json, invalid_write_key, ...",
+            ["reason"],
+            registry=r,
+        )
         self.commands_sent = Counter(
             "segment_relay_commands_sent", "Commands sent to the destination", registry=r
         )

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -26,22 +26,24 @@ from .debugger import DebugFeed
 from .errors import StoreError, StoreFullError
 from .metrics import Metrics
 from .queue.protocol import Queue
-from .records import NewMessage
+from .records import NewMessage, Refusal
 from .segment import (
     PATH_TYPES,
     BatchEnvelope,
     InvalidMessageError,
-    enrich,
     parse_time,
+    prepare,
     user_key,
-    validate,
 )
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
 BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/import", "/v1/import/")
 RETRY_AFTER_S = 5
 NO_KEY = "no known write key for this message"
+# Requests refused whole are logged once per reason this often (with the count held back).
+REFUSED_LOG_S = 10.0
 Clock = Callable[[], float]
 
 
@@ -63,10 +65,6 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
 
 
-class MessageTooLargeError(InvalidMessageError):
-    """A message over server.max_message_bytes."""
-
-
 STOPPING_ERROR = ApiError(503, "shutting_down", "the relay is stopping; retry later", RETRY_AFTER_S)
 
 
@@ -75,6 +73,15 @@ def _dumps(value: Any) -> str:
 
 
 SUCCESS = orjson.dumps({"success": True})
+
+
+class Intake(NamedTuple):
+    """What one request brought: the calls accepted, those refused (kept as dead letters),
+    and the error to answer when nothing was accepted."""
+
+    accepted: list[NewMessage]
+    refused: list[Refusal]
+    error: ApiError | None
 
 
 @dataclass
@@ -100,6 +107,7 @@ class Receiver:
         # Labelled counters bound once: labels() takes a lock and hashes on every call.
         received = self.metrics.messages_received
         self._received = {k: received.labels(k) for k in {*PATH_TYPES.values(), "batch"}}
+        self._refusals_logged = Throttle(REFUSED_LOG_S)
 
     # --- routes ---------------------------------------------------------------------------------
 
@@ -134,6 +142,8 @@ class Receiver:
                 try:
                     response = await handler(request)
                 except ApiError as exc:
+                    if 400 <= exc.status < 500:
+                        self._refused_request(request, endpoint, exc)
                     response = exc.response()
             counter = counters.get(response.status)
             if counter is None:
@@ -145,6 +155,25 @@ class Receiver:
             return response
 
         return handle
+
+    def _refused_request(self, request: web.Request, endpoint: str, exc: ApiError) -> None:
+        """Count a request refused whole and log it, once per reason every REFUSED_LOG_S."""
+        self.metrics.requests_refused.labels(exc.code).inc()
+        held = self._refusals_logged.let_through(exc.code)
+        if held is None:
+            return
+        source = self.source_for(self._basic_key(request))
+        log.warning(
+            "refused a request to /v1/%s from %s (%s): %d %s: %s%s",
+            endpoint,
+            f"source {source.name}" if source else "an unknown source",
+            request.remote,
+            exc.status,
+            exc.code,
+            exc.message[:300],
+            f" ({held} more refused for this reason since the last such line)" if held else "",
+            extra={"action": "request_refused", "reason": exc.code},
+        )
 
     # --- CORS -----------------------------------------------------------------------------------
 
@@ -244,13 +273,14 @@ class Receiver:
     # --- handlers -------------------------------------------------------------------------------
 
     async def single(self, request: web.Request, kind: str) -> web.StreamResponse:
-        """One call on /v1/<type>: refused whole (4xx) or stored whole (200)."""
+        """One call on /v1/<type>: stored whole (200) or refused whole (4xx, and kept as a
+        dead letter when its source is known)."""
         # No local holds the parsed body: it is dropped before the wait for the commit.
         reading = self._read_json(request, self.config.server.max_request_bytes)
-        await self._store([self._accept_single(request, kind, await reading)])
+        await self._take(self._accept_single(request, kind, await reading))
         return web.Response(body=SUCCESS, content_type="application/json")
 
-    def _accept_single(self, request: web.Request, kind: str, body: Any) -> NewMessage:
+    def _accept_single(self, request: web.Request, kind: str, body: Any) -> Intake:
         self._received[kind].inc()
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_message", "the request body must be a JSON object")
@@ -260,13 +290,12 @@ class Receiver:
                 401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
             )
         try:
-            return self._accept(body, kind, BatchEnvelope(), source)
-        except MessageTooLargeError as exc:
-            self.metrics.messages_rejected.labels("too_large").inc()
-            raise ApiError(413, "message_too_large", str(exc)) from exc
+            return Intake([self._accept(body, kind, BatchEnvelope(), source)], [], None)
         except InvalidMessageError as exc:
-            self.metrics.messages_rejected.labels("invalid").inc()
-            raise ApiError(400, "invalid_message", str(exc)) from exc
+            refusal = self._refusal(body, kind, source, exc)
+            if exc.reason == "too_large":
+                return Intake([], [refusal], ApiError(413, "message_too_large", str(exc)))
+            return Intake([], [refusal], ApiError(400, "invalid_message", str(exc)))
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
         """A batch: valid messages are stored, invalid ones counted and logged."""
@@ -276,10 +305,10 @@ class Receiver:
         # every pass of the cyclic GC walked (with the GC off, the loop's CPU per event fell
         # by a quarter).
         reading = self._read_json(request, self.config.server.max_request_bytes)
-        await self._store(self._accept_batch(request, await reading))
+        await self._take(self._accept_batch(request, await reading))
         return web.Response(body=SUCCESS, content_type="application/json")
 
-    def _accept_batch(self, request: web.Request, body: Any) -> list[NewMessage]:
+    def _accept_batch(self, request: web.Request, body: Any) -> Intake:
         server = self.config.server
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             raise ApiError(400, "invalid_batch", 'the body must be an object with a "batch" list')
@@ -295,25 +324,32 @@ class Receiver:
         request_source = self._request_source(request, body)
         envelope = _envelope(body)
         accepted: list[NewMessage] = []
+        refused: list[Refusal] = []
         problems: list[str] = []
         for index, item in enumerate(items):
             source = request_source
             if source is None and isinstance(item, dict):
                 source = self.source_for(item.get("writeKey"))
             if source is None:
+                self.metrics.messages_rejected.labels("no_write_key").inc()
                 problems.append(f"batch[{index}]: {NO_KEY}")
                 continue
             try:
                 accepted.append(self._accept(item, None, envelope, source))
             except InvalidMessageError as exc:
+                refused.append(self._refusal(item, None, source, exc))
                 problems.append(f"batch[{index}]: {exc}")
-        if problems:
-            self.metrics.messages_rejected.labels("invalid").inc(len(problems))
+        held = self._refusals_logged.let_through("messages") if problems else None
+        if held is not None:
             log.warning(
-                "refused %d of %d messages in a batch: %s",
+                "refused %d of %d messages in a batch (kept as dead letters, see "
+                "`segment-relay dead-letters list`): %s%s",
                 len(problems),
                 len(items),
                 "; ".join(problems[:5]),
+                f" ({held} more batches with refused messages since the last such line)"
+                if held
+                else "",
                 extra={"action": "messages_rejected"},
             )
         if items and not accepted:
@@ -321,21 +357,15 @@ class Receiver:
                 raise ApiError(
                     401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
                 )
-            raise ApiError(400, "invalid_message", "; ".join(problems[:5]))
-        return accepted
+            return Intake([], refused, ApiError(400, "invalid_message", "; ".join(problems[:5])))
+        return Intake(accepted, refused, None)
 
     def _accept(
         self, raw: Any, kind: str | None, envelope: BatchEnvelope, source: SourceConfig
     ) -> NewMessage:
-        message = validate(raw, kind)
         received_at = self.clock()
-        enriched = enrich(message, received_at, envelope)
-        encoded = jsontext.dumps(enriched)
         limit = self.config.server.max_message_bytes
-        if len(encoded) > limit:
-            raise MessageTooLargeError(
-                f"the message is {len(encoded)} bytes; at most {limit} are accepted"
-            )
+        enriched, encoded = prepare(raw, kind, received_at, envelope, limit)
         key = user_key(enriched)
         rules = self.store.session_rules
         activity = rules.activity(enriched, source.name, key, received_at) if rules else None
@@ -349,9 +379,40 @@ class Receiver:
             # Kept only for the debugger: otherwise only the encoded message (and what the
             # session rules need) wait for the commit.
             message=enriched if self.feed is not None else None,
-            fresh_id=not message.get("messageId"),
+            fresh_id=not raw.get("messageId"),
             activity=activity,
         )
+
+    def _refusal(
+        self, raw: Any, kind: str | None, source: SourceConfig, exc: InvalidMessageError
+    ) -> Refusal:
+        self.metrics.messages_rejected.labels(exc.reason).inc()
+        limit = self.config.server.max_message_bytes
+        return Refusal.of(
+            raw,
+            kind,
+            source.name,
+            self.clock(),
+            reason=exc.reason,
+            detail=str(exc),
+            max_bytes=limit,
+        )
+
+    async def _take(self, intake: Intake) -> None:
+        """Store what a request brought that was accepted, keep what was refused (both
+        committed before the answer), then raise the request's error if it has one."""
+        if intake.accepted:
+            await self._store(intake.accepted)
+        if intake.refused:
+            try:
+                await self.store.keep_refused(intake.refused)
+            except StoreError as exc:
+                raise _store_unavailable() from exc
+            if self.feed is not None:
+                for refusal in intake.refused:
+                    self.feed.refused(refusal)
+        if intake.error is not None:
+            raise intake.error
 
     async def _store(self, messages: list[NewMessage]) -> None:
         try:
@@ -362,18 +423,19 @@ class Receiver:
                 503, "queue_full", "the relay's queue is full; retry later", RETRY_AFTER_S
             ) from exc
         except StoreError as exc:
-            raise ApiError(
-                503,
-                "store_unavailable",
-                "the relay cannot store calls now; retry later",
-                RETRY_AFTER_S,
-            ) from exc
+            raise _store_unavailable() from exc
         self.metrics.messages_stored.inc(stored)
         if self.feed is not None:
             for m in messages:
                 self.feed.received(m.source, m.message or {})
         if stored < len(messages):
             self.metrics.messages_duplicate.inc(len(messages) - stored)
+
+
+def _store_unavailable() -> ApiError:
+    return ApiError(
+        503, "store_unavailable", "the relay cannot store calls now; retry later", RETRY_AFTER_S
+    )
 
 
 async def _read_chunk(request: web.Request) -> bytes:

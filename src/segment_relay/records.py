@@ -6,11 +6,12 @@ several times cheaper than a frozen dataclass's __init__; the rest are frozen da
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
 from . import jsontext
+from .segment import user_key
 from .sessions import Activity, SessionEvent
 
 
@@ -105,6 +106,53 @@ class QueuedMessage(NamedTuple):
         return parsed
 
 
+# Why a message was refused at ingest (segment.InvalidMessageError.reason): a dead letter for
+# one is replayed only once fixed (docs/api.md, "Refused messages").
+REFUSED_REASONS = ("invalid", "too_large")
+
+
+class Refusal(NamedTuple):
+    """A message refused inside a request, kept as a dead letter with the reason."""
+
+    source: str
+    message_id: str  # the message's own (empty when it has none)
+    user_key: str
+    type: str
+    # The message as received, as JSON (its first server.max_message_bytes when larger).
+    body: str
+    received_at: float
+    reason: str
+    detail: str
+
+    @classmethod
+    def of(
+        cls,
+        raw: Any,
+        call_type: str | None,
+        source: str,
+        received_at: float,
+        *,
+        reason: str,
+        detail: str,
+        max_bytes: int,
+    ) -> Refusal:
+        fields = raw if isinstance(raw, dict) else {}
+        message_id, kind = (fields.get(k) for k in ("messageId", "type"))
+        body = jsontext.dumps(raw)
+        if len(body) > max_bytes:
+            body = body[:max_bytes]
+        return cls(
+            source,
+            message_id if isinstance(message_id, str) else "",
+            user_key(fields),
+            call_type or (kind if isinstance(kind, str) else ""),
+            body.decode("utf-8", "ignore"),
+            received_at,
+            reason,
+            detail,
+        )
+
+
 class DueRead(NamedTuple):
     """One read of the due messages (Store.read_due)."""
 
@@ -140,6 +188,11 @@ class DeadLetter:
     def from_row(cls, row: Sequence[Any]) -> Self:
         return cls(*row)
 
+    @property
+    def refused(self) -> bool:
+        """Refused at ingest and not fixed since: not replayable as it is."""
+        return self.reason in REFUSED_REASONS
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -173,3 +226,21 @@ class QueueStats:
     oldest_received_at: float | None
     dead_letters: dict[str, int]
     counters: dict[str, int]
+
+    @classmethod
+    def of(
+        cls,
+        pending: int,
+        in_backoff: int,
+        oldest: float | None,
+        dead: Iterable[Sequence[Any]],
+        counters: Iterable[Sequence[Any]],
+    ) -> QueueStats:
+        """From the queue's rows: (reason, count) of the dead letters, (name, value) counters."""
+        return cls(
+            int(pending),
+            int(in_backoff),
+            oldest,
+            {str(r[0]): int(r[1]) for r in dead},
+            {str(r[0]): int(r[1]) for r in counters},
+        )

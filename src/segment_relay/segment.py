@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import jsontext
+
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 # Path segment -> message type, long and browser short forms.
 PATH_TYPES = {
@@ -39,6 +41,14 @@ MAX_TIME_S = 4_102_444_800.0  # 2100-01-01
 
 class InvalidMessageError(ValueError):
     """A message the receiver refuses, with a reason a client developer can act on."""
+
+    reason = "invalid"
+
+
+class MessageTooLargeError(InvalidMessageError):
+    """A message over server.max_message_bytes."""
+
+    reason = "too_large"
 
 
 def parse_time(value: Any) -> float | None:
@@ -213,6 +223,20 @@ def enrich(message: dict[str, Any], received_at: float, envelope: BatchEnvelope)
     out["timestamp"] = format_time(corrected)
     out["receivedAt"] = format_time(received_at)
     return out
+
+
+def prepare(
+    raw: Any, call_type: str | None, received_at: float, envelope: BatchEnvelope, max_bytes: int
+) -> tuple[dict[str, Any], bytes]:
+    """A call as the queue stores it: validated, enriched, and as JSON of at most `max_bytes`;
+    InvalidMessageError (or MessageTooLargeError) otherwise."""
+    enriched = enrich(validate(raw, call_type), received_at, envelope)
+    encoded = jsontext.dumps(enriched)
+    if len(encoded) > max_bytes:
+        raise MessageTooLargeError(
+            f"the message is {len(encoded)} bytes; at most {max_bytes} are accepted"
+        )
+    return enriched, encoded
 
 
 def user_key(message: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import requests
 from playwright.async_api import async_playwright
 from segment.analytics import Client
 from test_analytics_next import CHROMIUM, CHROMIUM_ARGS
@@ -33,6 +34,12 @@ def send_calls(url: str) -> None:
     )
     client.page(anonymous_id="visitor-1", name="Pricing", message_id="m-page")
     client.track(user_id="bob", event="Broken", message_id="m-broken")
+    # A track without `event` in a batch: refused, kept, and shown as refused.
+    refused = {"type": "track", "userId": "dan", "messageId": "m-refused"}
+    answer = requests.post(
+        url + "/v1/batch", json={"batch": [refused]}, auth=(WRITE_KEY, ""), timeout=20
+    )
+    assert answer.status_code == 400
 
 
 async def test_the_debugger_shows_calls_commands_and_states_live(tmp_path: Path) -> None:
@@ -54,6 +61,7 @@ async def test_the_debugger_shows_calls_commands_and_states_live(tmp_path: Path)
                     ("m-track", "sent"),
                     ("m-page", "sent"),
                     ("m-broken", "dead-lettered"),
+                    ("m-refused", "refused"),
                 ]:
                     await page.wait_for_selector(
                         f".call[data-id='{message_id}'] .state.{state}", timeout=20_000
@@ -62,6 +70,9 @@ async def test_the_debugger_shows_calls_commands_and_states_live(tmp_path: Path)
                     ".call[data-id='m-track'] .commands"
                 )
                 assert "rejected" in await page.inner_text(".call[data-id='m-broken'] .state")
+                assert "invalid: event is required" in await page.inner_text(
+                    ".call[data-id='m-refused'] .state"
+                )
                 # The page call opened a session: its session_start shows as its own row.
                 await page.wait_for_selector(".call.session .state.sent", timeout=20_000)
                 await page.wait_for_selector(

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from segment_relay.errors import StoreFullError
-from segment_relay.records import Failure, NewMessage
+from segment_relay.records import Failure, NewMessage, Refusal
 from segment_relay.sessions import SessionRules
 from support import Backend, msg, page
 
@@ -291,6 +291,35 @@ async def test_dead_letters_are_listed_by_reason_and_purged_by_age(backend: Back
         assert await store.dead_letter(first.id + 1000) is None
         assert await store.purge_dead_letters(older_than=2500.0) == 2
         assert [d.message_id for d in await store.dead_letters()] == ["m3"]
+    finally:
+        await store.close()
+
+
+async def test_a_refused_message_is_kept_and_replays_only_once_fixed(backend: Backend) -> None:
+    store = await backend.open()
+    try:
+        await store.enqueue([msg(1, user="u")])
+        refused = Refusal(
+            "s", "m2", "u", "track", '{"type":"track"}', 1500.0, "invalid", "no event"
+        )
+        await store.keep_refused([refused])
+        [dead] = await store.dead_letters(reason="invalid")
+        assert (dead.seq, dead.message_id, dead.body, dead.attempts) == (0, "m2", refused.body, 0)
+        assert (dead.received_at, dead.last_attempt_at, dead.refused) == (1500.0, 1500.0, True)
+        assert await store.replay([dead.id], 2000.0) == 0  # not as it is
+        assert await store.dead_letter(dead.id) == dead
+        fixed = NewMessage("s", "m2", "u", "track", '{"type":"track","event":"e"}', 1500.0)
+        assert await store.fix_dead_letter(dead.id, fixed, "fixed; was invalid: no event")
+        assert not await store.fix_dead_letter(dead.id + 1000, fixed, "")
+        mended = await store.dead_letter(dead.id)
+        assert mended is not None
+        assert (mended.reason, mended.body, mended.refused) == ("fixed", fixed.body, False)
+        assert await store.replay([dead.id], 2000.0) == 1
+        # It had no place in the queue: it takes one after everything queued.
+        rows = await store.due(2000.0, (), 10)
+        assert [r.message_id for r in rows] == ["m1", "m2"]
+        assert rows[1].seq > rows[0].seq
+        assert await store.dead_letters() == []
     finally:
         await store.close()
 

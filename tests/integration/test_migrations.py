@@ -15,7 +15,7 @@ from segment_relay.errors import StoreError
 from segment_relay.queue import open_queue
 from segment_relay.queue.postgres.database import MIGRATIONS as PG_MIGRATIONS
 from segment_relay.queue.sqlite import SqliteQueue
-from segment_relay.queue.sqlite.store import MIGRATIONS as SQLITE_MIGRATIONS
+from segment_relay.queue.sqlite.database import MIGRATIONS as SQLITE_MIGRATIONS
 from segment_relay.records import NewMessage
 from segment_relay.sessions import SessionRules
 

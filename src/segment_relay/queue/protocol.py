@@ -9,7 +9,7 @@ only through this Protocol. `queue/sqlite` (one process on one VM) and `queue/po
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from ..records import (
@@ -20,6 +20,7 @@ from ..records import (
     NewMessage,
     QueuedMessage,
     QueueStats,
+    Refusal,
 )
 from ..sessions import SessionRules
 from .session_rows import ExpiryWatch
@@ -150,7 +151,16 @@ class Queue(Protocol):
         """One dead letter by id, or None."""
 
     async def replay(self, dead_ids: Iterable[int], now: float) -> int:
-        """Move dead letters back to the queue in their original order; return how many."""
+        """Move dead letters back to the queue in their original order; return how many. A
+        message refused at ingest (DeadLetter.refused) stays: it needs a fix first. A fixed
+        one takes its place after everything queued."""
+
+    async def keep_refused(self, refusals: Sequence[Refusal]) -> None:
+        """Keep messages refused at ingest as dead letters (committed on return)."""
+
+    async def fix_dead_letter(self, dead_id: int, message: NewMessage, detail: str) -> bool:
+        """Replace a dead letter's message with `message` (validated by the caller), its
+        reason becoming "fixed" with `detail`; False when there is no such dead letter."""
 
     async def purge_dead_letters(self, older_than: float) -> int:
         """Delete dead letters last tried before `older_than`; return how many."""

@@ -236,8 +236,10 @@ FROM dead_letters WHERE id = $1;
 -- user's order; its attempts and its max_age clock start again.
 -- The replays are counted (by $3, as the other counters): a forwarder that skips what its
 -- earlier reads saw reads from the start again when the count changes.
+-- One refused at ingest has no seq (0): once fixed, it takes a new one; until then, it stays.
 WITH moved AS (
-    DELETE FROM dead_letters WHERE id = ANY($1::bigint[])
+    DELETE FROM dead_letters
+    WHERE id = ANY($1::bigint[]) AND reason NOT IN ('invalid', 'too_large')
     RETURNING seq, bucket, source, message_id, user_key, type, body
 ), counted AS (
     INSERT INTO counters (name, owner, value)
@@ -245,7 +247,25 @@ WITH moved AS (
     ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
 )
 INSERT INTO messages (seq, bucket, source, message_id, user_key, type, body, received_at)
-SELECT seq, bucket, source, message_id, user_key, type, body, $2 FROM moved ORDER BY seq;
+SELECT COALESCE(NULLIF(seq, 0), nextval('messages_seq_seq')), bucket, source, message_id,
+       user_key, type, body, $2
+FROM moved ORDER BY seq;
+
+-- name: insert_refused
+-- Messages refused at ingest (records.Refusal, column by column): no seq, never attempted.
+INSERT INTO dead_letters (bucket, seq, source, message_id, user_key, type, body, received_at,
+                          reason, detail, attempts, last_attempt_at)
+SELECT bucket, 0, source, message_id, user_key, type, body, received_at, reason, detail, 0,
+       received_at
+FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::float8[], $8::text[], $9::text[])
+    AS t(bucket, source, message_id, user_key, type, body, received_at, reason, detail);
+
+-- name: fix_dead_letter
+UPDATE dead_letters
+SET bucket = $2, message_id = $3, user_key = $4, type = $5, body = $6, reason = 'fixed',
+    detail = $7, response_status = NULL, response_body = NULL
+WHERE id = $1;
 
 -- name: purge_dead_letters
 DELETE FROM dead_letters WHERE last_attempt_at < $1;

@@ -26,19 +26,17 @@ import orjson
 from ...config import QueueConfig
 from ...errors import StoreError, StoreFullError
 from ...records import (
-    DeadLetter,
     DueRead,
     Failure,
-    Instance,
     NewMessage,
     QueuedMessage,
-    QueueStats,
 )
 from ...sessions import Activity, SessionEvent, SessionRules, SessionState
 from ...waiting import first_set
 from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..session_rows import Expansion, expand, session_activities
+from .admin import Administration
 from .database import Database, Q
 from .horizon import Horizon
 from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
@@ -82,7 +80,7 @@ def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
     )
 
 
-class PostgresQueue(GroupCommit):
+class PostgresQueue(GroupCommit, Administration):
     """The PostgreSQL queue (a Queue, see queue/protocol.py). Open with `await
     PostgresQueue.open(config)`, close with `await queue.close()`."""
 
@@ -530,37 +528,7 @@ class PostgresQueue(GroupCommit):
             earliest = await conn.fetchval(Q["next_session_expiry"], self._usable())
         return None if earliest is None else float(earliest)
 
-    # --- inspection and administration ----------------------------------------------------------
-
-    async def stats(self, now: float) -> QueueStats:
-        async with self._db.connection() as conn:
-            pending, in_backoff, oldest = await conn.fetchrow(Q["queue_stats"], now)
-            dead = await conn.fetch(Q["dead_letter_counts"])
-            counters = await conn.fetch(Q["counters"])
-        return QueueStats(
-            int(pending),
-            int(in_backoff),
-            oldest,
-            {str(r[0]): int(r[1]) for r in dead},
-            {str(r[0]): int(r[1]) for r in counters},
-        )
-
-    async def instances(self) -> list[Instance]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(Q["instances"])
-        return [Instance(r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in rows]
-
-    async def dead_letters(
-        self, limit: int = 100, reason: str | None = None, after: int = 0
-    ) -> list[DeadLetter]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(Q["dead_letters"], reason, after, limit)
-        return [DeadLetter.from_row(tuple(r)) for r in rows]
-
-    async def dead_letter(self, dead_id: int) -> DeadLetter | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(Q["dead_letter"], dead_id)
-        return None if row is None else DeadLetter.from_row(tuple(row))
+    # --- administration (the rest: admin.py) -----------------------------------------------------
 
     async def replay(self, dead_ids: Iterable[int], now: float) -> int:
         async with self._db.connection() as conn:
@@ -569,13 +537,3 @@ class PostgresQueue(GroupCommit):
         self._added(moved)
         self.new_work.set()
         return moved
-
-    async def purge_dead_letters(self, older_than: float) -> int:
-        async with self._db.connection() as conn:
-            status = await conn.execute(Q["purge_dead_letters"], older_than)
-        return int(status.split()[-1])
-
-    async def prune_dedup(self, now: float) -> int:
-        async with self._db.connection() as conn:
-            status = await conn.execute(Q["prune_dedup"], now - self._dedup_window_s)
-        return int(status.split()[-1])

@@ -122,8 +122,10 @@ FROM dead_letters WHERE id = ?;
 -- name: replay_message
 -- A replayed dead letter goes back under its original seq (never reused: AUTOINCREMENT), so
 -- it keeps its place in its user's order; its attempts and its max_age clock start again.
+-- One refused at ingest has no seq (0): once fixed, it takes a new one; until then, it stays.
 INSERT INTO messages (seq, source, message_id, user_key, type, body, received_at)
-SELECT seq, source, message_id, user_key, type, body, :now FROM dead_letters WHERE id = :id;
+SELECT NULLIF(seq, 0), source, message_id, user_key, type, body, :now FROM dead_letters
+WHERE id = :id AND reason NOT IN ('invalid', 'too_large');
 
 -- name: count_replayed
 -- In the replay's transaction: the forwarder sees that messages came back under old seqs.
@@ -131,7 +133,20 @@ INSERT INTO counters (name, value) VALUES ('replayed', ?)
 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
 
 -- name: delete_dead_letter
-DELETE FROM dead_letters WHERE id = ?;
+DELETE FROM dead_letters WHERE id = ? AND reason NOT IN ('invalid', 'too_large');
+
+-- name: insert_refused
+-- A message refused at ingest (records.Refusal): no seq, never attempted.
+INSERT INTO dead_letters (seq, source, message_id, user_key, type, body, received_at, reason,
+                          detail, attempts, last_attempt_at)
+VALUES (0, :source, :message_id, :user_key, :type, :body, :received_at, :reason, :detail, 0,
+        :received_at);
+
+-- name: fix_dead_letter
+UPDATE dead_letters
+SET message_id = :message_id, user_key = :user_key, type = :type, body = :body,
+    reason = 'fixed', detail = :detail, response_status = NULL, response_body = NULL
+WHERE id = :id;
 
 -- name: purge_dead_letters
 DELETE FROM dead_letters WHERE last_attempt_at < ?;

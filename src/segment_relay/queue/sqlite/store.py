@@ -1,10 +1,11 @@
 """The SQLite queue: one relay process on one VM (docs/queue.md).
 
-The only module of this backend that runs SQL (kept by name in `queries.sql`; the schema is
-in `migrations/`). Accepted calls are committed here before the receiver answers 200, in
-group commits (queue/ingest.py), so a hop to the SQLite thread is paid per transaction, not
-per message. The forwarder reads due rows in acceptance order and acks, reschedules or
-dead-letters them. One process owns the file (lockfile.py), so every claim is its own.
+With database.py (the file, its schema and its errors), the only module of this backend that
+runs SQL (kept by name in `queries.sql`; the schema is in `migrations/`). Accepted calls are
+committed here before the receiver answers 200, in group commits (queue/ingest.py), so a hop
+to the SQLite thread is paid per transaction, not per message. The forwarder reads due rows
+in acceptance order and acks, reschedules or dead-letters them. One process owns the file
+(lockfile.py), so every claim is its own.
 """
 
 from __future__ import annotations
@@ -27,99 +28,19 @@ from ...records import (
     NewMessage,
     QueuedMessage,
     QueueStats,
+    Refusal,
 )
 from ...sessions import Activity, SessionEvent, SessionRules, SessionState
-from .. import migrations
 from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
-from ..queries import load_queries
 from ..session_rows import Expansion, SessionCache, expand, session_activities
+from .database import Q, connect, is_full
 from .lockfile import LockFile
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Q = load_queries(__package__)
-MIGRATIONS = migrations.load(__package__)
 # How the statement `commit_sessions` says that it refused a commit (see session_commit).
 _REFUSED = "segment-relay: "
-
-
-def _is_full(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
-
-
-async def _connect(
-    db_path: Path, synchronous: str, max_size: int
-) -> tuple[aiosqlite.Connection, int]:
-    """Open the database, apply the schema, count the queue; StoreError if it is unusable."""
-    try:
-        # Autocommit: a single statement commits itself; transactions of several statements
-        # say BEGIN IMMEDIATE ... COMMIT (Store._write).
-        conn = await aiosqlite.connect(db_path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the queue {db_path}: {exc}") from exc
-    try:
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        if max_size:
-            [(page_size,)] = await conn.execute_fetchall("PRAGMA page_size")
-            await conn.execute(f"PRAGMA max_page_count={max(1, max_size // int(page_size))}")
-        await conn._execute(_migrate, conn._conn, str(db_path))  # type: ignore[no-untyped-call]  # noqa: SLF001
-        [(pending,)] = await conn.execute_fetchall(Q["count_messages"])
-    except StoreError:
-        await conn.close()
-        raise
-    except sqlite3.DatabaseError as exc:
-        await conn.close()
-        if "readonly" in str(exc) or "read-only" in str(exc):
-            raise StoreError(
-                f"cannot write to the queue {db_path}: it is read-only ({exc}); "
-                "make the file and its directory writable by the relay's user"
-            ) from exc
-        raise StoreError(
-            f"the queue {db_path} is not a usable SQLite database ({exc}); "
-            "move it aside to start with an empty queue, or restore it from a backup"
-        ) from exc
-    return conn, int(pending)
-
-
-def _statements(script: str) -> list[str]:
-    """The statements of a migration script, whole (a trigger's body included)."""
-    statements, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
-    if current.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in current.splitlines()
-    ):
-        raise RuntimeError(f"an incomplete statement ends a migration: {current[:80]!r}")
-    return statements
-
-
-def _migrate(raw: sqlite3.Connection, where: str) -> None:
-    """Bring the schema up to date (see queue/migrations.py), on the SQLite thread.
-
-    BEGIN IMMEDIATE is the lock: a second process waits (busy_timeout) and then finds the
-    version already recorded. The version is SQLite's user_version, written in the same
-    transaction. A file made before versions existed reads 0: migration 1 creates only what
-    is missing (IF NOT EXISTS), so such a file keeps its rows and goes on from there.
-    """
-    raw.execute("BEGIN IMMEDIATE")
-    try:
-        [(version,)] = raw.execute("PRAGMA user_version").fetchall()
-        for migration in migrations.pending(MIGRATIONS, int(version), where):
-            for statement in _statements(migration.sql):
-                raw.execute(statement)
-            raw.execute(f"PRAGMA user_version = {migration.version}")
-        raw.execute("COMMIT")
-    except BaseException:
-        if raw.in_transaction:
-            raw.execute("ROLLBACK")
-        raise
 
 
 def _insert(raw: sqlite3.Connection, rows: list[NewMessage], array: str) -> tuple[int, int]:
@@ -209,7 +130,7 @@ class SqliteQueue(GroupCommit):
         if lock:
             lock.acquire()
         try:
-            conn, pending = await _connect(db_path, synchronous, max_size)
+            conn, pending = await connect(db_path, synchronous, max_size)
         except StoreError:
             if lock:
                 lock.release()
@@ -289,7 +210,7 @@ class SqliteQueue(GroupCommit):
     # --- ingest: group commit -------------------------------------------------------------------
 
     def _commit_error(self, exc: Exception) -> StoreError:
-        if _is_full(exc):
+        if is_full(exc):
             return StoreFullError(f"the queue database is full: {exc}")
         return StoreError(str(exc))
 
@@ -534,13 +455,7 @@ class SqliteQueue(GroupCommit):
         pending, in_backoff, oldest = await self._one("queue_stats", (now,))
         dead = await self._reader.execute_fetchall(Q["dead_letter_counts"])
         counters = await self._reader.execute_fetchall(Q["counters"])
-        return QueueStats(
-            int(pending),
-            int(in_backoff),
-            oldest,
-            {str(r[0]): int(r[1]) for r in dead},
-            {str(r[0]): int(r[1]) for r in counters},
-        )
+        return QueueStats.of(pending, in_backoff, oldest, dead, counters)
 
     async def dead_letters(
         self, limit: int = 100, reason: str | None = None, after: int = 0
@@ -571,6 +486,21 @@ class SqliteQueue(GroupCommit):
         self._added(moved)
         self.new_work.set()  # the forwarder looks again even if none moved
         return moved
+
+    async def keep_refused(self, refusals: Sequence[Refusal]) -> None:
+        rows = [r._asdict() for r in refusals]
+        await self._write(lambda raw: raw.executemany(Q["insert_refused"], rows))
+
+    async def fix_dead_letter(self, dead_id: int, message: NewMessage, detail: str) -> bool:
+        fields = {
+            "id": dead_id,
+            "message_id": message.message_id,
+            "user_key": message.user_key,
+            "type": message.type,
+            "body": message.body,
+            "detail": detail,
+        }
+        return await self._write(lambda raw: raw.execute(Q["fix_dead_letter"], fields).rowcount > 0)
 
     async def purge_dead_letters(self, older_than: float) -> int:
         """Delete dead letters whose last attempt is before `older_than`; return how many."""

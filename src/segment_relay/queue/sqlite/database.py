@@ -1,0 +1,94 @@
+"""The SQLite queue's file: opening it, its schema and its errors (docs/queue.md, "Schema
+versions"). The queue itself is store.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from ...errors import StoreError
+from .. import migrations
+from ..queries import load_queries
+
+Q = load_queries(__package__)
+MIGRATIONS = migrations.load(__package__)
+
+
+def is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()
+
+
+async def connect(
+    db_path: Path, synchronous: str, max_size: int
+) -> tuple[aiosqlite.Connection, int]:
+    """Open the database, apply the schema, count the queue; StoreError if it is unusable."""
+    try:
+        # Autocommit: a single statement commits itself; transactions of several statements
+        # say BEGIN IMMEDIATE ... COMMIT (Store._write).
+        conn = await aiosqlite.connect(db_path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the queue {db_path}: {exc}") from exc
+    try:
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        if max_size:
+            [(page_size,)] = await conn.execute_fetchall("PRAGMA page_size")
+            await conn.execute(f"PRAGMA max_page_count={max(1, max_size // int(page_size))}")
+        await conn._execute(_migrate, conn._conn, str(db_path))  # type: ignore[no-untyped-call]  # noqa: SLF001
+        [(pending,)] = await conn.execute_fetchall(Q["count_messages"])
+    except StoreError:
+        await conn.close()
+        raise
+    except sqlite3.DatabaseError as exc:
+        await conn.close()
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise StoreError(
+                f"cannot write to the queue {db_path}: it is read-only ({exc}); "
+                "make the file and its directory writable by the relay's user"
+            ) from exc
+        raise StoreError(
+            f"the queue {db_path} is not a usable SQLite database ({exc}); "
+            "move it aside to start with an empty queue, or restore it from a backup"
+        ) from exc
+    return conn, int(pending)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration script, whole (a trigger's body included)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in current.splitlines()
+    ):
+        raise RuntimeError(f"an incomplete statement ends a migration: {current[:80]!r}")
+    return statements
+
+
+def _migrate(raw: sqlite3.Connection, where: str) -> None:
+    """Bring the schema up to date (see queue/migrations.py), on the SQLite thread.
+
+    BEGIN IMMEDIATE is the lock: a second process waits (busy_timeout) and then finds the
+    version already recorded. The version is SQLite's user_version, written in the same
+    transaction. A file made before versions existed reads 0: migration 1 creates only what
+    is missing (IF NOT EXISTS), so such a file keeps its rows and goes on from there.
+    """
+    raw.execute("BEGIN IMMEDIATE")
+    try:
+        [(version,)] = raw.execute("PRAGMA user_version").fetchall()
+        for migration in migrations.pending(MIGRATIONS, int(version), where):
+            for statement in _statements(migration.sql):
+                raw.execute(statement)
+            raw.execute(f"PRAGMA user_version = {migration.version}")
+        raw.execute("COMMIT")
+    except BaseException:
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+        raise
