@@ -16,6 +16,7 @@ from segment_relay.testing import FakeInfinario
 from support import (
     NODE_DIR,
     WRITE_KEY,
+    Backend,
     install_node_client,
     make_config,
     requires,
@@ -55,8 +56,9 @@ def properties(command: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("api", ["infinario", "exponea"])
 async def test_a_lone_surrogate_and_huge_integers_reach_the_destination(
-    tmp_path: Path, api: str
+    tmp_path: Path, api: str, backend: Backend
 ) -> None:
+    """Through either queue: SQLite's and PostgreSQL's keep the stored text as it is."""
     fake = FakeInfinario(api_key="KEY")
     calls = [{"user_id": f"u{n}", "event": "Viewed", "properties": {"n": n}} for n in range(6)] + [
         {
@@ -71,6 +73,7 @@ async def test_a_lone_surrogate_and_huge_integers_reach_the_destination(
             api_server.url,
             destination={"api": api, "api_key": "KEY"},
             sessions={"enabled": False},
+            queue={"url": backend.url} if backend.kind == "postgres" else {},
         )
         async with running_relay(config) as relay:
             await asyncio.to_thread(send_one_batch, relay.url, calls)
