@@ -14,7 +14,7 @@ import pytest
 
 from segment_relay.service import FORWARDER
 from segment_relay.testing import FakeInfinario
-from support import make_config, post, run_cli, running_fake, running_relay, write_config
+from support import AUTH, make_config, post, run_cli, running_fake, running_relay, write_config
 
 pytestmark = pytest.mark.acceptance
 
@@ -120,3 +120,29 @@ async def test_refused_messages_are_kept_listed_fixed_and_replayed(tmp_path: Pat
         code, _, err = await cli(config_path, "replay", "999999")
         assert code == 1
         assert "no dead letter 999999" in err
+
+
+async def test_requests_refused_whole_are_counted_and_logged_once_per_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path / "q.db", "http://127.0.0.1:9")
+    async with running_relay(config, forward=False) as relay, aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(
+                relay.url + "/v1/batch", data=b'{"batch": [', headers=AUTH
+            ) as response:
+                assert response.status == 400
+                assert (await response.json())["code"] == "invalid_json"
+        async with session.post(
+            relay.url + "/v1/track", data=b"{}", headers={"Authorization": "Basic d3Jvbmc6"}
+        ) as response:
+            assert response.status == 401
+        assert await metric(relay.url, "segment_relay_requests_refused", "invalid_json") == 3
+        assert await metric(relay.url, "segment_relay_requests_refused", "invalid_write_key") == 1
+    lines = [r for r in caplog.records if getattr(r, "action", None) == "request_refused"]
+    assert [(r.levelname, r.reason) for r in lines] == [  # type: ignore[attr-defined]
+        ("WARNING", "invalid_json"),
+        ("WARNING", "invalid_write_key"),
+    ]
+    assert "from source test (127.0.0.1): 400 invalid_json" in lines[0].getMessage()
+    assert "from an unknown source (127.0.0.1): 401 invalid_write_key" in lines[1].getMessage()
