@@ -291,6 +291,8 @@ class DestinationConfig:
     max_requests_per_second: float = _opt(_float(0.01, 10_000), 80.0)
     max_age_s: float = _opt(_duration(60, 365 * 86400), 7 * 86400.0, "max_age")
     credentials_probe_s: float = _opt(_duration(0.01, 86400), 30.0, "credentials_probe")
+    probe_initial_s: float = _opt(_duration(0.01, 3600), 1.0, "probe_initial")
+    probe_max_s: float = _opt(_duration(0.01, 3600), 30.0, "probe_max")
     retry: RetryConfig = _sub(RetryConfig)
 
 

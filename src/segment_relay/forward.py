@@ -15,6 +15,7 @@ from collections.abc import Callable
 from .batching import Coverage, Selection, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
+from .destination import Destination, State
 from .errors import StoreError
 from .infinario import api_style
 from .limits import ProjectLimits
@@ -60,7 +61,9 @@ class Forwarder(Outcomes):
         self.mapping = mapping
         self.metrics = metrics
         self.clock = clock
-        self.state = ForwarderState()
+        self.state = ForwarderState(
+            Destination(config.probe_initial_s, config.probe_max_s, since=clock())
+        )
         self._busy_users: set[str] = set()
         self._tasks: set[asyncio.Task[set[str]]] = set()
         self._slot_free = asyncio.Event()
@@ -97,6 +100,17 @@ class Forwarder(Outcomes):
         self.config = config.destination
         self.mapping = mapping_settings(config)
         self.sender.reload(api_style(config.destination), config.destination)
+        destination = self.state.destination
+        destination.probe_initial_s = config.destination.probe_initial_s
+        destination.probe_max_s = config.destination.probe_max_s
+        if destination.state is not State.UP:
+            log.info(
+                "settings reloaded: forwarding resumes now (the destination was %s: %s)",
+                destination.state,
+                destination.last_error,
+                extra={"action": "destination_resumed"},
+            )
+        destination.resume(self.clock(), self.clock())
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -137,8 +151,8 @@ class Forwarder(Outcomes):
     async def drain(self, timeout_s: float = 30.0, *, until_empty: bool = True) -> None:
         """Forward until the queue is empty (tests, one-shot runs); TimeoutError after `timeout_s`.
 
-        `until_empty=False` stops as soon as nothing is due and nothing is in flight, leaving
-        messages that wait for a retry.
+        `until_empty=False` stops as soon as nothing is due (or the destination, down or
+        paused, lets nothing go now) and nothing is in flight, leaving messages that wait.
         """
         async with asyncio.timeout(timeout_s):
             while True:
@@ -149,10 +163,18 @@ class Forwarder(Outcomes):
                 if until_empty:
                     if (await self.store.stats(self.clock())).pending == 0:
                         return
-                elif not await self.store.due(self.clock(), (), 1):
+                elif not await self._may_send_now():
                     return
                 # Bounded wait for the next retry (a retry delay is on the wall clock).
                 await asyncio.sleep(min(wait_s if wait_s is not None else 0.01, 0.05))
+
+    async def _may_send_now(self) -> bool:
+        """Whether a message is due that the destination's state lets go now."""
+        now = self.clock()
+        destination = self.state.destination
+        if destination.gate(now) is not None:
+            return False
+        return bool(await self.store.due(now, destination.held_users(now), 1))
 
     async def finish(self, grace_s: float | None = None) -> None:
         """Let the batches in flight finish and write their outcomes, for `grace_s` at most.
@@ -196,15 +218,17 @@ class Forwarder(Outcomes):
     async def _dispatch(self) -> float | None:
         if self._crashed is not None:
             raise self._crashed
-        # Pauses and pacing run on the monotonic clock; `now` (wall clock, injectable) decides
-        # what is due and stamps what is written.
-        tick = time.monotonic()
-        self._paced = tick < self.state.paused_until
-        if self._paced:
-            return self.state.paused_until - tick
+        # Pacing runs on the monotonic clock; `now` (wall clock, injectable) decides what is
+        # due, when the destination is probed, and stamps what is written.
+        self._paced = False
         now = self.clock()
         size = self.config.batch_size
+        destination = self.state.destination
         while len(self._tasks) < self.config.concurrency:
+            if (wait_s := destination.gate(now)) is not None:
+                # Down or paused: only its timer (or the probe's end) changes that.
+                self._paced = not destination.probing
+                return wait_s
             tick = time.monotonic()
             if tick < self._next_send_at:
                 # The rate allows no request yet: no need to read the queue before then.
@@ -233,14 +257,14 @@ class Forwarder(Outcomes):
                 max(self._next_send_at, time.monotonic())
                 + 1.0 / self.config.max_requests_per_second
             )
-            self._start(selection.batch)
+            self._start(selection.batch, probe=destination.starting())
         return None
 
     async def _read(self, now: float, limit: int) -> list[QueuedMessage]:
         """Up to `limit` due rows, skipping what earlier reads covered (see Coverage)."""
         # A copy: a batch that ends during the read takes its user out of the busy set, but
         # the read left that user's messages out all the same.
-        busy = set(self._busy_users)
+        busy = self._busy_users | self.state.destination.held_users(now)
         tick = time.monotonic()
         if tick >= self._full_read_at or self._retry_may_be_due(now):
             # A retry coming due can make a covered message due; and every IDLE_POLL_S the
@@ -269,7 +293,7 @@ class Forwarder(Outcomes):
             self._coverage.forget()
         if not self._prefetched:
             return None
-        busy = self._busy_users
+        busy = self._busy_users | self.state.destination.held_users(now)
         rows = [r for r in self._prefetched if r.user_key not in busy]
         selection = select_batch(rows, self.config.batch_size, self.config.linger_s, now)
         if len(selection.batch) < self.config.batch_size:
@@ -305,7 +329,7 @@ class Forwarder(Outcomes):
         expired = {r.seq for r in old}
         return [r for r in rows if r.seq not in expired]
 
-    def _start(self, batch: list[QueuedMessage]) -> None:
+    def _start(self, batch: list[QueuedMessage], *, probe: bool) -> None:
         users = {r.user_key for r in batch}
         self._busy_users |= users
         # The batch's users' rows read ahead wait for its outcome: they are those users' next
@@ -316,7 +340,9 @@ class Forwarder(Outcomes):
             self._prefetched = [r for r in self._prefetched if r.user_key not in users]
         claims = self.store.claims
         self.store.sending(batch)
-        task = asyncio.create_task(self._forward(batch), name=f"forward-batch-{batch[0].seq}")
+        task = asyncio.create_task(
+            self._forward(batch, probe=probe), name=f"forward-batch-{batch[0].seq}"
+        )
         self._tasks.add(task)
 
         def done(t: asyncio.Task[set[str]]) -> None:

@@ -7,16 +7,24 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
 from .config import Config, load_config
+from .destination import State
 from .errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
+# Why /ready answers 503 while forwarding is paused (a Retry-After pause is short and normal).
+_PAUSED = {
+    "credentials": "destination credentials refused, forwarding paused",
+    "configuration": "the destination refuses every command alike (check destination.*), "
+    "forwarding paused",
+}
 # Keys SIGHUP applies; any other change needs a restart.
 RELOADABLE = ("sources", "destination", "mapping")
 
@@ -29,9 +37,12 @@ def add_routes(app: web.Application, relay: web.Application) -> None:
 
     async def ready(request: web.Request) -> web.Response:
         reasons = not_ready(relay)
+        destination = {"destination": destination_report(relay)}
         if reasons:
-            return web.json_response({"ready": False, "reasons": reasons}, status=503)
-        return web.json_response({"ready": True})
+            return web.json_response(
+                {"ready": False, "reasons": reasons, **destination}, status=503
+            )
+        return web.json_response({"ready": True, **destination})
 
     async def metrics(request: web.Request) -> web.Response:
         with contextlib.suppress(StoreError):  # the queue's gauges keep their last values
@@ -53,9 +64,28 @@ def not_ready(app: web.Application) -> list[str]:
         reasons.append("the queue is not open")
     elif problem := app[STORE].unavailable:
         reasons.append(problem)
-    if FORWARDER in app and app[FORWARDER].state.credentials_error:
-        reasons.append(f"destination credentials refused: {app[FORWARDER].state.credentials_error}")
+    if FORWARDER in app:
+        destination = app[FORWARDER].state.destination
+        if destination.state is State.PAUSED and destination.reason in _PAUSED:
+            reasons.append(f"{_PAUSED[destination.reason]}: {destination.last_error}")
     return reasons
+
+
+def destination_report(app: web.Application) -> dict[str, Any] | None:
+    """The destination's state as /ready and `segment-relay status` show it."""
+    if FORWARDER not in app:
+        return None
+    forwarder = app[FORWARDER]
+    d = forwarder.state.destination
+    now = forwarder.clock()
+    return {
+        "state": str(d.state),
+        "since": d.since,
+        "for_s": round(max(0.0, now - d.since), 1),
+        "reason": d.reason or None,
+        "last_error": d.last_error or None,
+        "next_probe_in_s": None if d.state is State.UP else round(max(0.0, d.next_probe - now), 1),
+    }
 
 
 async def refresh_gauges(app: web.Application) -> None:

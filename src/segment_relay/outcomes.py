@@ -19,6 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from .batching import durable_delay
 from .config import DestinationConfig
 from .debugger import DebugFeed
+from .destination import Destination, State, Verdict
 from .errors import MappingError, PermanentSendError, StoreError, TransientSendError
 from .infinario import CommandResult, CredentialsError, Outcome, cut
 from .limits import ProjectLimits
@@ -34,14 +35,24 @@ Items = list[tuple[QueuedMessage, Command]]
 
 @dataclass
 class ForwarderState:
-    """What /ready and the watchdog read about the forwarder."""
+    """What /ready, `status`, /metrics and the watchdog read about the forwarder."""
 
-    credentials_error: str | None = None
+    # The destination's state: up, down or paused (destination.py).
+    destination: Destination
     # Why the queue could not be read (its database unreachable), until a read works again.
     queue_error: str | None = None
-    paused_until: float = 0.0
     # time.monotonic() of the run loop's latest turn: the watchdog pings only while it moves.
     heartbeat: float = field(default_factory=time.monotonic)
+
+
+_PAUSE_ADVICE = {
+    "retry_after": "every lane waits {seconds:g}s, as the destination asked",
+    "credentials": "check destination.api_key / api_secret / project_token, then reload "
+    "(SIGHUP) to resume at once; it is tried again every {seconds:g}s",
+    "configuration": "the destination refused every command of batches of different users "
+    "alike: check destination.project_token and base_url, then reload (SIGHUP) to resume at "
+    "once; nothing is dead-lettered, and it is tried again every {seconds:g}s",
+}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -80,8 +91,15 @@ class Outcomes:
             self._ids.pop(row.seq, None)
             self.feed.state(row.message_id, "dead-lettered", f"{failure.reason}: {failure.detail}")
 
-    async def _forward(self, batch: list[QueuedMessage]) -> set[str]:
-        """Send one batch and write its outcome; return the users with a message left queued."""
+    async def _forward(self, batch: list[QueuedMessage], *, probe: bool = False) -> set[str]:
+        """Send one batch (the destination's probe, when it is not up) and write its outcome;
+        return the users with a message left queued."""
+        try:
+            return await self._map_and_send(batch)
+        finally:
+            self.state.destination.ended(probe)
+
+    async def _map_and_send(self, batch: list[QueuedMessage]) -> set[str]:
         now = self.clock()
         if self.feed is not None:
             for row in batch:
@@ -129,9 +147,12 @@ class Outcomes:
         if self.feed is not None:
             for row, command in items:
                 self.feed.sending(row.message_id, self.sender.style.render(command))
+        sent_at = self.clock()
+        # A probe of a destination down or paused is one request: its answer is the news.
+        up = self.state.destination.state is State.UP
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(retry.quick_attempts),
+                stop=stop_after_attempt(retry.quick_attempts if up else 1),
                 wait=wait_random_exponential(
                     multiplier=retry.quick_initial_s, max=retry.quick_max_s
                 ),
@@ -142,15 +163,85 @@ class Outcomes:
                     self.metrics.commands_sent.inc(len(commands))
                     results = await self.sender.send(commands)
         except TransientSendError as exc:
-            return await self._backoff(items, exc)
+            if exc.retry_after_s is not None:
+                return self._pause(items, "retry_after", str(exc), exc.retry_after_s)
+            return await self._failed(items, exc, sent_at)
         except CredentialsError as exc:
-            return await self._credentials_refused(items, exc)
+            return self._pause(items, "credentials", str(exc), self.config.credentials_probe_s)
         except PermanentSendError as exc:
             return await self._split(items, exc)
-        self.state.credentials_error = None
         return await self._settle(items, results)
 
+    # --- the destination's state (destination.py) -----------------------------------------------
+
+    async def _failed(self, items: Items, exc: TransientSendError, sent_at: float) -> set[str]:
+        """A batch failed for the destination's state: an outage charges no message; a batch
+        that failed while others went through backs its users off."""
+        destination = self.state.destination
+        was = destination.state
+        now = self.clock()
+        if not destination.failed(sent_at, cut(str(exc), 500), now, now):
+            return await self._backoff(items, exc)
+        if was is not State.DOWN:
+            log.warning(
+                "the destination is down: %s; one batch probes it after %gs (the interval "
+                "doubling up to %gs), and no message is charged a retry meanwhile",
+                exc,
+                destination.probe_initial_s,
+                destination.probe_max_s,
+                extra={"action": "destination_down"},
+            )
+        return {row.user_key for row, _ in items}
+
+    def _pause(self, items: Items, reason: str, error: str, seconds: float) -> set[str]:
+        """Pause forwarding for `seconds` (then probe); the batch's messages stay as they are."""
+        destination = self.state.destination
+        now = self.clock()
+        first = destination.state is not State.PAUSED or destination.reason != reason
+        destination.pause(reason, cut(error, 500), now + seconds, now, now)
+        if first:
+            level = logging.WARNING if reason == "retry_after" else logging.ERROR
+            log.log(
+                level,
+                "forwarding paused (%s): %s; %s",
+                reason,
+                error,
+                _PAUSE_ADVICE[reason].format(seconds=seconds),
+                extra={"action": "destination_paused", "reason": reason},
+            )
+        return {row.user_key for row, _ in items}
+
+    def _answered(self, items: Items, results: list[CommandResult]) -> set[str] | None:
+        """Take in that the destination answered a batch; the batch's users when it was
+        refused alike and is to wait (held, or forwarding paused), else None."""
+        destination = self.state.destination
+        now = self.clock()
+        came_back = destination.answered(now, now)
+        refused = {"; ".join(r.errors) for r in results if r.outcome is Outcome.ERROR}
+        if len(refused) == 1 and all(r.outcome is Outcome.ERROR for r in results):
+            error = refused.pop() or "refused by the destination"
+            users = frozenset(row.user_key for row, _ in items)
+            verdict = destination.refused_alike(
+                error, users, len(items), now, self.config.credentials_probe_s
+            )
+            if verdict is Verdict.PAUSE:
+                return self._pause(items, "configuration", error, self.config.credentials_probe_s)
+            if verdict is Verdict.HOLD:
+                return set(users)
+        else:
+            came_back = destination.taken(now, now) or came_back
+        if came_back is not None:
+            log.info(
+                "the destination is back after %.1fs; %d messages queued",
+                came_back,
+                self.store.pending_count,
+                extra={"action": "destination_up"},
+            )
+        return None
+
     async def _settle(self, items: Items, results: list[CommandResult]) -> set[str]:
+        if (waiting := self._answered(items, results)) is not None:
+            return waiting
         now = self.clock()
         acked: list[QueuedMessage] = []
         retry: list[Retry] = []
@@ -196,34 +287,20 @@ class Outcomes:
 
     async def _backoff(self, items: Items, exc: TransientSendError) -> set[str]:
         now = self.clock()
-        if exc.retry_after_s is not None:
-            # The limit is per client address: every lane waits, not only this batch.
-            self.state.paused_until = max(
-                self.state.paused_until, time.monotonic() + exc.retry_after_s
+        retry = [
+            (
+                row,
+                now + durable_delay(row.attempts + 1, self.config.retry),
+                cut(str(exc), 500),
+                True,
             )
-        retry = []
-        for row, _ in items:
-            delay = durable_delay(row.attempts + 1, self.config.retry)
-            if exc.retry_after_s is not None:
-                delay = max(delay, exc.retry_after_s)
-            retry.append((row, now + delay, cut(str(exc), 500), True))
+            for row, _ in items
+        ]
         self.metrics.commands_retried.labels("transient").inc(len(retry))
         log.warning(
             "batch of %d to be retried: %s", len(items), exc, extra={"action": "batch_retry"}
         )
         await self._write(retry=retry, now=now)
-        return {row.user_key for row, _ in items}
-
-    async def _credentials_refused(self, items: Items, exc: CredentialsError) -> set[str]:
-        now = self.clock()
-        probe_s = self.config.credentials_probe_s
-        self.state.credentials_error = str(exc)
-        self.state.paused_until = time.monotonic() + probe_s
-        log.error(
-            "forwarding paused for %gs: %s", probe_s, exc, extra={"action": "credentials_refused"}
-        )
-        # Not an attempt: nothing is wrong with the messages.
-        await self._hold(items, now + probe_s, str(exc))
         return {row.user_key for row, _ in items}
 
     async def _hold(self, items: Items, until: float, reason: str) -> None:

@@ -189,7 +189,9 @@ async def test_admin_endpoints_on_their_own_port(tmp_path: Path) -> None:
             )
             async with aiohttp.ClientSession() as session:
                 async with session.get(admin + "/ready") as response:
-                    assert (response.status, await response.json()) == (200, {"ready": True})
+                    ready = await response.json()
+                    assert (response.status, ready["ready"]) == (200, True)
+                    assert ready["destination"]["state"] == "up"
                 async with session.get(admin + "/metrics") as response:
                     assert response.status == 200
                 async with session.get(daemon.url + "/metrics") as response:
