@@ -110,6 +110,32 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
     assert read.looked == newest
 
 
+async def test_a_read_never_trusts_the_seq_of_the_newest_transaction_still_running(
+    relays: OpenRelay, postgres_url: str
+) -> None:
+    """The transaction that took the seq is the newest with an id, and nothing commits
+    after it: a snapshot's xmax is then its own id, and its xmin leaves it out."""
+    a = await relays()
+    await a.enqueue([msg(0, user="u0")])
+    late = await asyncpg.connect(postgres_url)
+    try:
+        transaction = late.transaction()
+        await transaction.start()
+        await late.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
+        late_seq = await late.fetchval(
+            "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
+            " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
+            bucket_of("slow"),
+        )
+        for _ in range(4):
+            read = await a.read_due(2000.0, {"u0"}, 100, 0)
+            assert read.rows == []
+            assert read.looked < late_seq
+        await transaction.commit()
+    finally:
+        await late.close()
+
+
 async def test_one_session_per_user_across_relays(relays: OpenRelay, postgres_url: str) -> None:
     rules = SessionRules.of(60, ["page"])
     a, b = await relays(sessions=rules), await relays(sessions=rules)

@@ -9,14 +9,16 @@ while seq 100 is not committed yet; a later read that starts after 150 would ste
 and send that user's later calls before it.
 
 So a read trusts only seqs that every transaction which could still commit them has ended
-for. Each read reports its snapshot's `xmin` (the oldest transaction still running) and
-`xmax` (the next transaction id), and the sequence's last value, read after the snapshot was
-taken. Every path that takes a seq has its transaction id before (it writes a dedup row or
-locks a row first), so a seq handed out by the time read k-1 read the sequence belongs to a
-transaction id below read k's `xmax`. Once a later read's `xmin` has reached that `xmax`,
-those transactions have all ended, and the seqs up to that value are committed or never will
-be: from then on a read sees all of them (the sequence hands out one value at a time; a
-cached sequence would break this).
+for. Each read takes a transaction id of its own (`pg_current_xact_id()`), and reports its
+snapshot's `xmin` (the oldest transaction id still running) and the sequence's last value,
+read after the snapshot was taken. Every path that takes a seq has its transaction id first
+(it writes a dedup row or locks a row first), so a seq handed out by the time read k-1 read
+the sequence belongs to a transaction id below read k's own. A later read's snapshot is taken
+after read k committed, so every transaction below read k's id that still runs is listed in
+it: once its `xmin` is above read k's id, those transactions have all ended, and the seqs up
+to that value are committed or never will be. (A snapshot's `xmax` would not do: it is the
+latest completed id + 1, and a transaction newer than that which still runs is left out of
+`xmin`.) The sequence must hand out one value at a time: a cached sequence would break this.
 """
 
 from __future__ import annotations
@@ -32,23 +34,24 @@ PENDING = 8
 class Horizon:
     # Every seq up to it has been committed or will never be.
     trusted: int = 0
-    # (seq value, xmax): the seqs up to the value are trusted once a read's xmin reaches xmax.
+    # (seq value, xid): the seqs up to the value are trusted once a read's xmin passes xid.
     _pending: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=PENDING))
     # The sequence's last value at the previous read.
     _allocated: int | None = None
 
-    def read(self, xmin: int, xmax: int, allocated: int) -> int:
-        """Take in one read's snapshot and the sequence's last value (read during it); return
-        up to which seq that read saw every message that will ever have one."""
+    def read(self, xmin: int, xid: int, allocated: int) -> int:
+        """Take in one read's snapshot's xmin, the read's own transaction id and the
+        sequence's last value (read during it); return up to which seq that read saw every
+        message that will ever have one."""
         if self._allocated is not None:
-            self._pending.append((self._allocated, xmax))
+            self._pending.append((self._allocated, xid))
         self._allocated = allocated
-        while self._pending and self._pending[0][1] <= xmin:
+        while self._pending and self._pending[0][1] < xmin:
             self.trusted = max(self.trusted, self._pending.popleft()[0])
         return self.trusted
 
-    def looked(self, xmin: int, xmax: int, allocated: int, last_seq: int | None) -> int:
+    def looked(self, xmin: int, xid: int, allocated: int, last_seq: int | None) -> int:
         """DueRead.looked for a read: up to `last_seq` when it stopped at its limit there,
         else as far as it saw everything."""
-        trusted = self.read(xmin, xmax, allocated)
+        trusted = self.read(xmin, xid, allocated)
         return trusted if last_seq is None else min(trusted, last_seq)

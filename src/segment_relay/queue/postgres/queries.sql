@@ -78,17 +78,18 @@ SELECT COUNT(*) FROM messages;
 -- once, so that the plan reads the oldest rows in order whatever the leases' statistics say.
 -- The bucket comes last: the caller stamps each row with its lease's epoch.
 -- Every row starts with what horizon.py needs to know how far the read saw everything (the
--- snapshot's xmin and xmax and the sequence's last value) and the count of dead letters ever
--- replayed (they come back under their old seqs); with no message due, only those come back.
+-- snapshot's xmin, a transaction id of the read's own and the sequence's last value) and the
+-- count of dead letters ever replayed (they come back under their old seqs); with no message
+-- due, only those come back.
 WITH horizon AS (
-    SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax,
+    SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_current_xact_id()::text::bigint AS xid,
            (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_seq_seq)
                AS allocated,
            (SELECT COALESCE(SUM(value), 0) FROM counters WHERE name = 'replayed')::bigint
                AS replayed
     FROM pg_current_snapshot() AS s
 )
-SELECT h.xmin, h.xmax, h.allocated, h.replayed, d.*
+SELECT h.xmin, h.xid, h.allocated, h.replayed, d.*
 FROM horizon AS h LEFT JOIN LATERAL (
     SELECT m.seq, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
            m.attempts, m.next_attempt_at, m.first_attempt_at, m.last_error, m.bucket

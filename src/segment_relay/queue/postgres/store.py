@@ -427,10 +427,10 @@ class PostgresQueue(GroupCommit, Administration):
             found = await conn.fetch(
                 Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit, after
             )
-        xmin, xmax, allocated, replayed = found[0][:4]
+        xmin, xid, allocated, replayed = found[0][:4]
         rows = [QueuedMessage.claimed(r[4:15], epochs[r[15]]) for r in found if r[4] is not None]
         last_seq = rows[-1].seq if len(rows) >= limit else None
-        return DueRead(rows, self._horizon.looked(xmin, xmax, allocated, last_seq), replayed)
+        return DueRead(rows, self._horizon.looked(xmin, xid, allocated, last_seq), replayed)
 
     async def next_retry_at(self) -> float | None:
         async with self._db.connection() as conn:
