@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -238,7 +239,7 @@ async def post(
     async with (
         aiohttp.ClientSession() as session,
         session.post(
-            url + path, data=orjson.dumps(body), headers=headers if headers is not None else AUTH
+            url + path, data=json.dumps(body), headers=headers if headers is not None else AUTH
         ) as response,
     ):
         return response.status, await response.json(content_type=None)

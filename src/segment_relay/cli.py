@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__, dead_letters_cli
+from . import __version__, dead_letters_cli, jsontext
 from .config import Config, load_config, redact_url
 from .errors import ConfigError, StoreError
 from .queue import open_queue
@@ -272,7 +272,7 @@ def _fake(args: argparse.Namespace) -> int:
     from .testing import FakeInfinario, run_fake
 
     def show(command: dict[str, Any]) -> None:
-        print(orjson.dumps(command).decode(), flush=True)
+        print(jsontext.dumps(command).decode(), flush=True)
 
     fake = FakeInfinario(
         token=args.token,

@@ -34,7 +34,10 @@ class DebugFeed:
         self.watchers: set[asyncio.Queue[bytes]] = set()
 
     def publish(self, entry: dict[str, Any]) -> None:
-        data = jsontext.dumps({**entry, "at": time.time()})
+        try:
+            data = jsontext.dumps({**entry, "at": time.time()})
+        except jsontext.InvalidJSONError:
+            return  # a message refused for that very reason, too deep to show
         self.history.append(data)
         for queue in list(self.watchers):
             if queue.qsize() >= QUEUE_LIMIT:

@@ -9,7 +9,11 @@ would.
   integer is written by `json`.
 - A lone UTF-16 surrogate (a `\\ud83d` without its pair: a truncated emoji) becomes U+FFFD, in
   keys and in values, and invalid UTF-8 likewise: Segment's API accepts such a text, where
-  orjson refuses all of it (and with it every message of a batch).
+  orjson refuses all of it (and with it every message of a batch). So does NUL (`\\u0000`),
+  which PostgreSQL cannot store in text (an id or event name with it failed every commit or
+  outcome it was part of).
+- A value nested deeper than orjson writes (MAX_DEPTH) is InvalidJSONError, refused as
+  invalid: never a 500, and never a stored message too deep for the forwarder to read.
 
 Two costs are boxed here, each measured with bench/ingest.py:
 - Finding a long run of digits in a request: `bytes.translate` maps every digit to "0" and
@@ -31,12 +35,18 @@ from typing import Any
 import orjson
 
 EXACT_MARK = " "
+# orjson's limit of nesting when it writes; its error for an integer past 64 bits.
+MAX_DEPTH = 254
+_BIG_INTEGER = "Integer exceeds 64-bit range"
+_TOO_DEEP = "Recursion limit reached"
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 # 2**64 (20 digits) and -2**63 - 1 (19 after the minus) are the first integers orjson reads
 # as floats. (A 19-digit id, as Twitter's, is common in strings: it stays on the fast path.)
 _NINETEEN_DIGITS = b"0" * 19
 _LONG_NUMBER = re.compile(rb"[0-9]{20}|-[0-9]{19}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# A lone surrogate, or NUL: text that PostgreSQL cannot store either (kept as U+FFFD).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_ESCAPED_NUL = b"\\u0000"
 REPLACEMENT = "\ufffd"
 
 
@@ -46,7 +56,7 @@ class InvalidJSONError(ValueError):
 
 def loads(data: bytes) -> Any:
     """The value of a JSON text from outside (a request); InvalidJSONError if none."""
-    if not _has_long_number(data):
+    if not _has_long_number(data) and _ESCAPED_NUL not in data:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -66,8 +76,12 @@ def dumps(value: Any) -> bytes:
     the text marked so, see EXACT_MARK)."""
     try:
         return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return (EXACT_MARK + _exact_dumps(value, None)).encode()
+    except orjson.JSONEncodeError as exc:
+        if str(exc) == _TOO_DEEP or (str(exc) == _BIG_INTEGER and _depth(value) > MAX_DEPTH):
+            raise InvalidJSONError(f"the value is nested deeper than {MAX_DEPTH} levels") from exc
+        if str(exc) != _BIG_INTEGER:
+            raise InvalidJSONError(f"the value cannot be written as JSON: {exc}") from exc
+    return (EXACT_MARK + _exact_dumps(value, None)).encode()
 
 
 def dumps_indented(value: Any) -> str:
@@ -91,6 +105,20 @@ def _has_long_number(data: bytes) -> bool:
     return _LONG_NUMBER.search(data) is not None  # rare: a 19-digit id, or a long number
 
 
+def _depth(value: Any) -> int:
+    """How deeply `value` nests (for the rare value with a big integer), up to MAX_DEPTH + 1."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_DEPTH:
+        depth += 1
+        level = [
+            v
+            for item in level
+            if isinstance(item, dict | list)
+            for v in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth - 1 if not level else depth
+
+
 def _exact_dumps(value: Any, indent: int | None) -> str:
     separators = (",", ":") if indent is None else (",", ": ")
     return json.dumps(
@@ -101,7 +129,7 @@ def _exact_dumps(value: Any, indent: int | None) -> str:
 def _lenient(text: str) -> Any:
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-        return _without_surrogates(value) if "\\u" in text else value
+        return _storable(value) if "\\u" in text else value
     except ValueError as exc:
         raise InvalidJSONError(str(exc)) from exc
     except RecursionError as exc:
@@ -120,12 +148,12 @@ def _finite(digits: str) -> float:
     return value
 
 
-def _without_surrogates(value: Any) -> Any:
-    """`value` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+def _storable(value: Any) -> Any:
+    """`value` with every lone surrogate and NUL in its strings (keys too) as U+FFFD."""
     if isinstance(value, str):
-        return _SURROGATE.sub(REPLACEMENT, value)
+        return _UNSTORABLE.sub(REPLACEMENT, value)
     if isinstance(value, list):
-        return [_without_surrogates(v) for v in value]
+        return [_storable(v) for v in value]
     if isinstance(value, dict):
-        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+        return {_storable(k): _storable(v) for k, v in value.items()}
     return value

@@ -41,6 +41,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.refusals_not_kept = Counter(
+            "segment_relay_refusals_not_kept",
+            "Messages refused at ingest that could not be kept as dead letters (queue errors)",
+            registry=r,
+        )
         self.requests_refused = Counter(
             "segment_relay_requests_refused",
             "Requests refused whole (4xx) by reason: invalid_json, invalid_write_key, ...",

@@ -407,7 +407,17 @@ class Receiver:
             try:
                 await self.store.keep_refused(intake.refused)
             except StoreError as exc:
-                raise _store_unavailable() from exc
+                if not intake.accepted:
+                    raise _store_unavailable() from exc
+                # The calls accepted with them are committed: a 503 would have the client
+                # send those again (twice, for calls without a messageId).
+                self.metrics.refusals_not_kept.inc(len(intake.refused))
+                log.exception(
+                    "%d refused messages could not be kept as dead letters",
+                    len(intake.refused),
+                    extra={"action": "refusals_not_kept"},
+                )
+                return
             if self.feed is not None:
                 for refusal in intake.refused:
                     self.feed.refused(refusal)

@@ -138,7 +138,10 @@ class Refusal(NamedTuple):
     ) -> Refusal:
         fields = raw if isinstance(raw, dict) else {}
         message_id, kind = (fields.get(k) for k in ("messageId", "type"))
-        body = jsontext.dumps(raw)
+        try:
+            body = jsontext.dumps(raw)
+        except jsontext.InvalidJSONError as exc:  # nested too deeply to be written
+            body = jsontext.dumps({"unwritable": str(exc)})
         if len(body) > max_bytes:
             body = body[:max_bytes]
         return cls(

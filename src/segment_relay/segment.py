@@ -231,7 +231,10 @@ def prepare(
     """A call as the queue stores it: validated, enriched, and as JSON of at most `max_bytes`;
     InvalidMessageError (or MessageTooLargeError) otherwise."""
     enriched = enrich(validate(raw, call_type), received_at, envelope)
-    encoded = jsontext.dumps(enriched)
+    try:
+        encoded = jsontext.dumps(enriched)
+    except jsontext.InvalidJSONError as exc:
+        raise InvalidMessageError(str(exc)) from exc
     if len(encoded) > max_bytes:
         raise MessageTooLargeError(
             f"the message is {len(encoded)} bytes; at most {max_bytes} are accepted"

@@ -20,6 +20,14 @@ from .segment import format_time, parse_time
 _ID_FIELDS = ("userId", "anonymousId")
 
 
+def _session_id(value: Any) -> Any:
+    """An id as a session keeps it: an integer past 64 bits as its digits (orjson writes no
+    such integer, and the mapping sends ids as text all the same)."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
+
+
 class SessionState(NamedTuple):
     """An open session: event times in Unix seconds, `expires_at` on the wall clock.
 
@@ -138,7 +146,7 @@ class SessionRules:
         for name in _ID_FIELDS:  # a loop, not a comprehension: this runs for every page call
             value = message.get(name)
             if value is not None and value != "":
-                ids[name] = value
+                ids[name] = _session_id(value)
         context = message.get("context")
         return Activity(
             user_key,

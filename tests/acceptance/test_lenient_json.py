@@ -9,16 +9,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from segment.analytics import Client
 
+from segment_relay.service import STORE
 from segment_relay.testing import FakeInfinario
 from support import (
+    AUTH,
     NODE_DIR,
     WRITE_KEY,
     Backend,
     install_node_client,
     make_config,
+    post,
     requires,
     running_fake,
     running_relay,
@@ -131,3 +135,49 @@ async def test_the_node_client_batch_with_a_lone_surrogate_is_delivered_whole(
     assert sorted(events, key=str) == [0, 1, 2, 3, "order"]
     assert events["order"]["note"] == MENDED
     assert events["order"]["order_id"] == ORDER_ID
+
+
+async def test_what_postgresql_cannot_store_or_orjson_cannot_write_never_fails_a_request(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """A NUL in an id or event name, a huge integer id on a session call, a message nested
+    too deeply: each is read as Segment would or refused alone, never a 5xx for the batch."""
+    fake = FakeInfinario()
+    deep: Any = "leaf"
+    for _ in range(300):
+        deep = [deep]
+    nul = {"userId": "nul\u0000user", "event": "bad\u0000event", "messageId": "nul\u0000id"}
+    batch = [
+        {"type": "track", **nul, "properties": {"k\u0000": 1}},
+        {"type": "page", "userId": ORDER_ID, "name": "Home"},
+        {"type": "track", "userId": "deep", "event": "Deep", "properties": {"x": deep}},
+        {"type": "track", "userId": "ok", "event": "Fine"},
+    ]
+    async with running_fake(fake) as (_, api_server):
+        config = make_config(
+            tmp_path / "q.db",
+            api_server.url,
+            sessions={"enabled": True},
+            queue={"url": backend.url} if backend.kind == "postgres" else {},
+        )
+        async with running_relay(config) as relay:
+            status, body = await post(relay.url, "/v1/batch", {"batch": batch})
+            assert (status, body) == (200, {"success": True})
+            # Deeper than any JSON reader here takes: refused whole, as JSON.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    relay.url + "/v1/track", data=b"[" * 2000 + b"]" * 2000, headers=AUTH
+                ) as response,
+            ):
+                assert response.status == 400
+                assert (await response.json())["code"] == "invalid_json"
+            commands = await fake.wait_for_commands(4)  # track, page, its session_start, track
+            [deep_letter] = await relay.app[STORE].dead_letters(reason="invalid")
+    assert "nested" in deep_letter.detail
+    events = {c["data"]["type"]: c["data"] for c in commands}
+    assert events["bad\ufffdevent"]["customer_ids"]["registered"] == "nul\ufffduser"
+    assert events["bad\ufffdevent"]["properties"]["k\ufffd"] == 1
+    assert events["page_visit"]["customer_ids"]["registered"] == str(ORDER_ID)
+    assert events["session_start"]["customer_ids"]["registered"] == str(ORDER_ID)
+    assert "Fine" in events

@@ -31,9 +31,9 @@ values = st.recursive(
 
 
 def mended(value: Any) -> Any:
-    """`value` as Segment would read it: each lone surrogate as U+FFFD."""
+    """`value` as the relay reads it: each lone surrogate and NUL as U+FFFD."""
     if isinstance(value, str):
-        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF or c == "\x00" else c for c in value)
     if isinstance(value, list):
         return [mended(v) for v in value]
     if isinstance(value, dict):
@@ -101,3 +101,19 @@ def test_a_session_event_keeps_the_digits_of_its_context() -> None:
     for kind in ("session_start", "session_end"):
         body = jsontext.loads_stored(SessionEvent(kind, state).body())
         assert body["context"]["account"] == 12345678901234567890123
+
+
+def test_a_value_nested_deeper_than_orjson_writes_is_refused_not_an_error() -> None:
+    deep: Any = 12345678901234567890123
+    for _ in range(jsontext.MAX_DEPTH):
+        deep = [deep]
+    assert jsontext.loads_stored(jsontext.dumps(deep).decode()) == deep
+    for value in ([deep], _nested("x", 255), _nested("x", 2000)):
+        with pytest.raises(jsontext.InvalidJSONError, match="nested deeper than 254 levels"):
+            jsontext.dumps(value)
+
+
+def _nested(leaf: Any, depth: int) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf

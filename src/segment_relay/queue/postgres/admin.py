@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
+
+from ...errors import StoreError
 from ...records import DeadLetter, Instance, NewMessage, QueueStats, Refusal
 from .database import Database, Q
 from .leases import bucket_of
@@ -54,10 +57,13 @@ class Administration:
         if not refusals:
             return
         columns = list(zip(*refusals, strict=True))
-        async with self._db.connection() as conn:
-            await conn.execute(
-                Q["insert_refused"], [bucket_of(r.user_key) for r in refusals], *columns
-            )
+        try:
+            async with self._db.connection() as conn:
+                await conn.execute(
+                    Q["insert_refused"], [bucket_of(r.user_key) for r in refusals], *columns
+                )
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"the queue database refused the dead letters: {exc}") from exc
 
     async def fix_dead_letter(self, dead_id: int, message: NewMessage, detail: str) -> bool:
         m = message

@@ -108,6 +108,7 @@ class PostgresQueue(GroupCommit, Administration):
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._leases = Leases(config.lease_s)
         self._horizon = Horizon()
+        self._replayed = 0  # the replay count the last read saw (DueRead.replayed)
         self._keeper: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._stop_keeping = asyncio.Event()
@@ -421,13 +422,14 @@ class PostgresQueue(GroupCommit, Administration):
         read saw everything (horizon.py) and the count of replays (see DueRead)."""
         buckets = self._usable()
         if not buckets:
-            return DueRead([], 0, 0)
+            return DueRead([], 0, self._replayed)
         epochs = self._leases.held
         async with self._db.connection(outcome=True) as conn:
             found = await conn.fetch(
                 Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit, after
             )
         xmin, xid, allocated, replayed = found[0][:4]
+        self._replayed = replayed
         rows = [QueuedMessage.claimed(r[4:15], epochs[r[15]]) for r in found if r[4] is not None]
         last_seq = rows[-1].seq if len(rows) >= limit else None
         return DueRead(rows, self._horizon.looked(xmin, xid, allocated, last_seq), replayed)

@@ -489,7 +489,10 @@ class SqliteQueue(GroupCommit):
 
     async def keep_refused(self, refusals: Sequence[Refusal]) -> None:
         rows = [r._asdict() for r in refusals]
-        await self._write(lambda raw: raw.executemany(Q["insert_refused"], rows))
+        try:
+            await self._write(lambda raw: raw.executemany(Q["insert_refused"], rows))
+        except sqlite3.Error as exc:
+            raise self._commit_error(exc) from exc
 
     async def fix_dead_letter(self, dead_id: int, message: NewMessage, detail: str) -> bool:
         fields = {
