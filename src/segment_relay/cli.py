@@ -9,14 +9,13 @@ import logging
 import logging.config
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import __version__, dead_letters_cli, jsontext
+from . import __version__, dead_letters_cli, jsontext, status_cli
 from .config import Config, load_config, redact_url
 from .errors import ConfigError, StoreError
 from .queue import open_queue
@@ -115,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 
     dead_letters_cli.add_parser(commands)
 
+    retry_now = commands.add_parser(
+        "retry-now", help="make every message waiting for a retry due now (after a fix)"
+    )
+    retry_now.add_argument("-c", "--config", required=True)
+
     fake = commands.add_parser(
         "fake-infinario", help="run a fake Infinario API that prints what it receives"
     )
@@ -134,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "serve": _serve,
         "check-config": _check_config,
-        "status": _status,
+        "status": status_cli.run,
+        "retry-now": _retry_now,
         "fake-infinario": _fake,
         "dead-letters": dead_letters_cli.run,
         "dev": _dev,
@@ -184,88 +189,28 @@ def _daemon_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
+def _retry_now(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def run() -> int:
+        store = await open_queue(config.queue, daemon=False)
+        try:
+            return await store.retry_now()
+        finally:
+            await store.close()
+
+    moved = asyncio.run(run())
+    print(
+        f"{moved} messages waiting for a retry are due now; a running relay sends them "
+        "within a few seconds"
+    )
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(_summary(config))
     return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-
-    async def read() -> dict[str, Any]:
-        store = await open_queue(config.queue, daemon=False)
-        try:
-            now = time.time()
-            stats = await store.stats(now)
-            open_sessions, next_expiry = await store.session_stats()
-            instances = await store.instances()
-        finally:
-            await store.close()
-        return {
-            "queue": store.where,
-            "pending": stats.pending,
-            "in_backoff": stats.in_backoff,
-            "oldest_pending_age_s": None
-            if stats.oldest_received_at is None
-            else round(now - stats.oldest_received_at, 3),
-            "dead_letters": stats.dead_letters,
-            "counters": stats.counters,
-            "open_sessions": open_sessions,
-            "next_session_expiry_in_s": None
-            if next_expiry is None
-            else round(next_expiry - now, 3),
-            "instances": [
-                {
-                    "id": i.id,
-                    "host": i.host,
-                    "pid": i.pid,
-                    "up_s": round(now - i.started_at, 1),
-                    "seen_s_ago": round(now - i.seen_at, 1),
-                    "buckets": i.buckets,
-                }
-                for i in instances
-            ],
-        }
-
-    report = asyncio.run(read())
-    if args.json:
-        print(orjson.dumps(report).decode())
-    else:
-        age = report["oldest_pending_age_s"]
-        print(f"queue {report['queue']}")
-        print(f"  pending messages:   {report['pending']}")
-        print(f"  waiting to retry:   {report['in_backoff']}")
-        print(f"  oldest pending age: {'-' if age is None else f'{age:.1f}s'}")
-        dead = report["dead_letters"]
-        expiry = report["next_session_expiry_in_s"]
-        print(
-            f"  open sessions:      {report['open_sessions']}"
-            + ("" if expiry is None else f" (next ends in {max(expiry, 0):.1f}s)")
-        )
-        print(
-            f"  dead letters:       {sum(dead.values())}"
-            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(dead.items()))})" if dead else "")
-        )
-        if config.queue.url:
-            print(f"  relays:             {len(report['instances'])}")
-            for i in report["instances"]:
-                print(
-                    f"    {i['id']} (pid {i['pid']} on {i['host']}, up {i['up_s']:.0f}s): "
-                    f"{len(i['buckets'])} buckets {_ranges(i['buckets'])}"
-                )
-    return 0
-
-
-def _ranges(numbers: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    for n in numbers:
-        if parts and n == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{n}"
-        else:
-            parts.append(str(n))
-    return ",".join(parts)
 
 
 def _fake(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class State(enum.StrEnum):
@@ -67,6 +68,8 @@ class Destination:
     # Tick when the next probe may go (down or paused).
     next_probe: float = 0.0
     probing: bool = False
+    # Grows at every change of state or probe time (the forwarder records it then).
+    changes: int = 1
     _interval_s: float = 0.0
     _down_at: float = 0.0  # tick
     _answered_at: float = -math.inf  # tick of the latest batch answered
@@ -126,6 +129,7 @@ class Destination:
         else:
             self._interval_s = min(self._interval_s * 2, self.probe_max_s)
         self.next_probe = tick + self._interval_s
+        self.changes += 1
         return True
 
     def pause(self, reason: str, error: str, until: float, tick: float, wall: float) -> None:
@@ -138,6 +142,7 @@ class Destination:
         self.state, self.reason, self.last_error = State.PAUSED, reason, error
         self.next_probe = max(until, tick)
         self._interval_s = until - tick
+        self.changes += 1
 
     def refused_alike(
         self, error: str, users: frozenset[str], commands: int, tick: float, hold_s: float
@@ -180,8 +185,25 @@ class Destination:
             self._up(tick, wall)
         elif self.state is State.DOWN:
             self.next_probe = tick
+            self.changes += 1
 
     def _up(self, tick: float, wall: float) -> float:
         outage = tick - self._down_at
         self.state, self.since, self.reason, self.probing = State.UP, wall, "", False
+        self.changes += 1
         return outage
+
+    def report(self, now: float) -> dict[str, Any]:
+        """The state as /ready, /metrics and `segment-relay status` show it (`now`: the
+        forwarder's clock, on which `since` and `next_probe` are)."""
+        up = self.state is State.UP
+        return {
+            "state": str(self.state),
+            "since": self.since,
+            "for_s": round(max(0.0, now - self.since), 1),
+            "reason": self.reason or None,
+            "last_error": self.last_error or None,
+            "next_probe_at": None if up else self.next_probe,
+            "next_probe_in_s": None if up else round(max(0.0, self.next_probe - now), 1),
+            "at": now,
+        }

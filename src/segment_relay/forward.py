@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from . import jsontext
 from .batching import Coverage, Selection, select_batch
 from .config import Config, DestinationConfig
 from .debugger import DebugFeed
@@ -87,6 +88,8 @@ class Forwarder(Outcomes):
         # What the reads of the queue have covered (see _read).
         self._coverage = Coverage()
         self._full_read_at = 0.0
+        # The destination's state last recorded in the queue (Destination.changes).
+        self._noted = 0
         # Whether the last dispatch stopped for the rate limit or a pause (see _wait).
         self._paced = False
 
@@ -142,7 +145,20 @@ class Forwarder(Outcomes):
         if self.state.queue_error is not None:
             log.info("forwarding again", extra={"action": "queue_up"})
             self.state.queue_error = None
+        await self._note_destination()
         return wait_s
+
+    async def _note_destination(self) -> None:
+        """Record the destination's state in the queue when it changed, for `status`."""
+        destination = self.state.destination
+        if destination.changes == self._noted:
+            return
+        self._noted = destination.changes
+        report = jsontext.dumps(destination.report(self.clock())).decode()
+        try:
+            await self.store.note_destination(report)
+        except StoreError:
+            self._noted = 0  # the next turn tries again
 
     async def stopped(self) -> None:
         """Wait until run() has stopped and its batches are settled."""

@@ -108,6 +108,22 @@ class Metrics:
         self.queue_in_backoff = Gauge(
             "segment_relay_queue_in_backoff", "Queued messages waiting for a retry", registry=r
         )
+        self.destination_state = Gauge(
+            "segment_relay_destination_state",
+            "1 for the destination's current state as this relay sees it: up, down or paused",
+            ["state"],
+            registry=r,
+        )
+        self.destination_state_seconds = Gauge(
+            "segment_relay_destination_state_seconds",
+            "How long the destination has been in its current state",
+            registry=r,
+        )
+        self.destination_next_probe_seconds = Gauge(
+            "segment_relay_destination_next_probe_seconds",
+            "Seconds until the next probe of a destination down or paused (0 when up)",
+            registry=r,
+        )
         self.sessions_open = Gauge("segment_relay_sessions_open", "Open sessions", registry=r)
         self.sessions_started = Gauge(
             "segment_relay_sessions_started",

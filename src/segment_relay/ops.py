@@ -72,20 +72,11 @@ def not_ready(app: web.Application) -> list[str]:
 
 
 def destination_report(app: web.Application) -> dict[str, Any] | None:
-    """The destination's state as /ready and `segment-relay status` show it."""
+    """The destination's state as /ready shows it (None: no forwarder)."""
     if FORWARDER not in app:
         return None
     forwarder = app[FORWARDER]
-    d = forwarder.state.destination
-    now = forwarder.clock()
-    return {
-        "state": str(d.state),
-        "since": d.since,
-        "for_s": round(max(0.0, now - d.since), 1),
-        "reason": d.reason or None,
-        "last_error": d.last_error or None,
-        "next_probe_in_s": None if d.state is State.UP else round(max(0.0, d.next_probe - now), 1),
-    }
+    return forwarder.state.destination.report(forwarder.clock())
 
 
 async def refresh_gauges(app: web.Application) -> None:
@@ -100,6 +91,11 @@ async def refresh_gauges(app: web.Application) -> None:
         0 if stats.oldest_received_at is None else now - stats.oldest_received_at
     )
     metrics.queue_in_backoff.set(stats.in_backoff)
+    if (destination := destination_report(app)) is not None:
+        for state in State:
+            metrics.destination_state.labels(str(state)).set(state == destination["state"])
+        metrics.destination_state_seconds.set(destination["for_s"])
+        metrics.destination_next_probe_seconds.set(destination["next_probe_in_s"] or 0)
     open_sessions, _ = await store.session_stats()
     metrics.sessions_open.set(open_sessions)
     metrics.sessions_started.set(store.sessions_started)

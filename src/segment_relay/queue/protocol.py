@@ -142,6 +142,15 @@ class Queue(Protocol):
     async def instances(self) -> list[Instance]:
         """The live relays sharing this queue and what each holds (empty: one process)."""
 
+    async def note_destination(self, report: str) -> None:
+        """Record this relay's view of the destination (JSON), for `status`."""
+
+    async def destinations(self) -> list[tuple[str, str]]:
+        """Each relay's view of the destination: (relay id, JSON); the id is "" on SQLite."""
+
+    async def retry_now(self) -> int:
+        """Make every message waiting for a retry due now; return how many."""
+
     async def dead_letters(
         self, limit: int = 100, reason: str | None = None, after: int = 0
     ) -> list[DeadLetter]:

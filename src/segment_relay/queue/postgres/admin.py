@@ -3,6 +3,7 @@ kept out of store.py (ingest, forwarding, leases). Its SQL is in `queries.sql`."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import asyncpg
@@ -18,6 +19,8 @@ class Administration:
 
     _db: Database
     _dedup_window_s: float
+    instance_id: str
+    new_work: asyncio.Event
 
     async def stats(self, now: float) -> QueueStats:
         async with self._db.connection() as conn:
@@ -52,6 +55,21 @@ class Administration:
         async with self._db.connection() as conn:
             status = await conn.execute(Q["prune_dedup"], now - self._dedup_window_s)
         return int(status.split()[-1])
+
+    async def note_destination(self, report: str) -> None:
+        async with self._db.connection(outcome=True) as conn:
+            await conn.execute(Q["note_destination"], self.instance_id, report)
+
+    async def destinations(self) -> list[tuple[str, str]]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(Q["destinations"])
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def retry_now(self) -> int:
+        async with self._db.connection() as conn:
+            moved = int(await conn.fetchval(Q["retry_now"], self.instance_id))
+        self.new_work.set()
+        return moved
 
     async def keep_refused(self, refusals: Sequence[Refusal]) -> None:
         if not refusals:

@@ -326,3 +326,22 @@ FROM instances AS i
 LEFT JOIN leases AS l ON l.owner = i.id AND l.expires_at > now()
 WHERE i.expires_at > now()
 GROUP BY i.id ORDER BY i.started_at, i.id;
+
+-- name: note_destination
+UPDATE instances SET destination = $2 WHERE id = $1;
+
+-- name: destinations
+SELECT id, destination FROM instances
+WHERE expires_at > now() AND destination IS NOT NULL ORDER BY started_at, id;
+
+-- name: retry_now
+-- Messages waiting for a retry, due now (`segment-relay retry-now`), in every relay's buckets.
+-- Counted as replays (by $1): they are due again below what the forwarders' reads covered.
+WITH due AS (
+    UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > 0 RETURNING 1
+), counted AS (
+    INSERT INTO counters (name, owner, value)
+    SELECT 'replayed', $1, COUNT(*) FROM due HAVING COUNT(*) > 0
+    ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
+)
+SELECT COUNT(*) FROM due;

@@ -154,3 +154,15 @@ DELETE FROM dead_letters WHERE last_attempt_at < ?;
 -- name: commit_sessions
 -- See the trigger `session_commit` in migrations/0002_session_events_skip_dedup.sql.
 INSERT INTO session_commits (assumed, sessions, messages) VALUES (?, ?, ?);
+
+-- name: note_destination
+INSERT INTO relay_state (name, value) VALUES ('destination', ?)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+-- name: destinations
+SELECT '', value FROM relay_state WHERE name = 'destination';
+
+-- name: retry_now
+-- Messages waiting for a retry, due now (`segment-relay retry-now`). Counted as replays: they
+-- are due again below what the forwarder's reads have covered.
+UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > 0;

@@ -450,6 +450,23 @@ class SqliteQueue(GroupCommit):
         """None: one process owns a SQLite queue."""
         return []
 
+    async def note_destination(self, report: str) -> None:
+        await self._write(lambda raw: raw.execute(Q["note_destination"], (report,)))
+
+    async def destinations(self) -> list[tuple[str, str]]:
+        rows = await self._reader.execute_fetchall(Q["destinations"])
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def retry_now(self) -> int:
+        def due_now(raw: sqlite3.Connection) -> int:
+            moved = max(raw.execute(Q["retry_now"]).rowcount, 0)
+            raw.execute(Q["count_replayed"], (moved,))
+            return moved
+
+        moved = await self._write(due_now)
+        self.new_work.set()
+        return moved
+
     async def stats(self, now: float) -> QueueStats:
         """Queue depth, backoff, oldest message, dead letters by reason, persistent counters."""
         pending, in_backoff, oldest = await self._one("queue_stats", (now,))
