@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from segment.analytics import Client
 
@@ -62,6 +63,13 @@ async def test_a_real_outage_charges_nothing_and_ends_at_the_first_probe_that_wo
             [seen] = down["destination"]
             assert (seen["state"], down["pending"], down["in_backoff"]) == ("down", 16, 0)
             assert seen["next_probe_in_s"] <= 2.0
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(daemon.url + "/metrics") as response,
+            ):
+                metrics = await response.text()
+            assert 'segment_relay_destination_state{state="down"} 1.0' in metrics
+            assert 'segment_relay_destination_state{state="up"} 0.0' in metrics
             # It comes back on the same port: the next probe finds it, every lane resumes.
             back = await start_server(fake.app(), api.port)
             try:
