@@ -156,3 +156,23 @@ async def test_a_wrong_token_pauses_keeps_every_message_and_a_reload_resumes(
             await forwarder.drain()
             assert (destination.state, destination.reason) == (State.UP, "")
     assert sorted(n for _, n in delivered(fake)) == list(range(40))
+
+
+async def test_max_age_still_dead_letters_during_an_outage(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    outage = Outage(503)
+    async with running_fake(outage.fake) as (_, api):
+        config = make_config(tmp_path / "q.db", api.url, destination={"max_age": "1h"})
+        async with running_relay(config, clock=clock) as relay:
+            assert (await post(relay.url, "/v1/batch", {"batch": [track(n) for n in range(3)]}))[
+                0
+            ] == 200
+            forwarder, store = relay.app[FORWARDER], relay.app[STORE]
+            destination = forwarder.state.destination
+            await forwarder.drain(until_empty=False)
+            while store.pending_count and clock.now < T0 + 2 * 3600:  # up to two hours
+                clock.now = destination.next_probe
+                await forwarder.drain(until_empty=False)
+            assert T0 + 3600 < clock.now <= T0 + 3600 + 30  # at the first probe past an hour
+            stats = await store.stats(clock.now)
+            assert (stats.pending, stats.dead_letters) == (0, {"expired": 3})
