@@ -68,6 +68,8 @@ class Forwarder(Outcomes):
         self._busy_users: set[str] = set()
         self._tasks: set[asyncio.Task[set[str]]] = set()
         self._slot_free = asyncio.Event()
+        # Set by reload(): a wait for a pause or the rate limit ends at once.
+        self._reloaded = asyncio.Event()
         self._next_send_at = 0.0
         self._crashed: BaseException | None = None
         self._dispatching = asyncio.Lock()
@@ -113,7 +115,8 @@ class Forwarder(Outcomes):
                 destination.last_error,
                 extra={"action": "destination_resumed"},
             )
-        destination.resume(self.clock(), self.clock())
+        destination.resume(self.clock())
+        self._reloaded.set()  # a paced wait ends now
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -214,11 +217,13 @@ class Forwarder(Outcomes):
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
         """One wait for new work, a free slot, a timer or stop (docs/architecture.md, "One wait").
 
-        While the rate limit or a pause allows no request, only for the timer or stop: every
-        commit sets new_work, and waking for each changed nothing before the timer anyway.
+        While the rate limit or a pause allows no request, only for the timer, a reload or
+        stop: every commit sets new_work, and waking for each changed nothing before the
+        timer anyway.
         """
         if self._paced:
-            await first_set(stop, timeout_s=timeout_s)
+            await first_set(stop, self._reloaded, timeout_s=timeout_s)
+            self._reloaded.clear()
             return
         await first_set(stop, self.store.new_work, self._slot_free, timeout_s=timeout_s)
         self.store.new_work.clear()
@@ -268,6 +273,11 @@ class Forwarder(Outcomes):
                 if selection.wait_until is not None:
                     self._lingering = (selection.wait_until, self.store.pending_count)
                     return max(0.0, selection.wait_until - now)
+                if destination.probed_users():
+                    # Down, and only users whose probe failed have messages due: one of them
+                    # is the next probe (see Destination.probe_anyone).
+                    destination.probe_anyone()
+                    continue
                 return await self._idle_wait(now)
             self._next_send_at = (
                 max(self._next_send_at, time.monotonic())
@@ -280,7 +290,8 @@ class Forwarder(Outcomes):
         """Up to `limit` due rows, skipping what earlier reads covered (see Coverage)."""
         # A copy: a batch that ends during the read takes its user out of the busy set, but
         # the read left that user's messages out all the same.
-        busy = self._busy_users | self.state.destination.held_users(now)
+        destination = self.state.destination
+        busy = self._busy_users | destination.held_users(now) | destination.probed_users()
         tick = time.monotonic()
         if tick >= self._full_read_at or self._retry_may_be_due(now):
             # A retry coming due can make a covered message due; and every IDLE_POLL_S the
@@ -309,7 +320,8 @@ class Forwarder(Outcomes):
             self._coverage.forget()
         if not self._prefetched:
             return None
-        busy = self._busy_users | self.state.destination.held_users(now)
+        destination = self.state.destination
+        busy = self._busy_users | destination.held_users(now) | destination.probed_users()
         rows = [r for r in self._prefetched if r.user_key not in busy]
         selection = select_batch(rows, self.config.batch_size, self.config.linger_s, now)
         if len(selection.batch) < self.config.batch_size:
@@ -345,7 +357,7 @@ class Forwarder(Outcomes):
         expired = {r.seq for r in old}
         return [r for r in rows if r.seq not in expired]
 
-    def _start(self, batch: list[QueuedMessage], *, probe: bool) -> None:
+    def _start(self, batch: list[QueuedMessage], *, probe: int) -> None:
         users = {r.user_key for r in batch}
         self._busy_users |= users
         # The batch's users' rows read ahead wait for its outcome: they are those users' next

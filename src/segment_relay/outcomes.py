@@ -55,6 +55,14 @@ _PAUSE_ADVICE = {
 }
 
 
+def _refused_alike(results: list[CommandResult]) -> str | None:
+    """The error every command was refused with, when it is the same for all (else None)."""
+    if not results or any(r.outcome is not Outcome.ERROR for r in results):
+        return None
+    errors = {"; ".join(r.errors) for r in results}
+    return (errors.pop() or "refused by the destination") if len(errors) == 1 else None
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientSendError) and exc.retry_after_s is None
 
@@ -91,15 +99,15 @@ class Outcomes:
             self._ids.pop(row.seq, None)
             self.feed.state(row.message_id, "dead-lettered", f"{failure.reason}: {failure.detail}")
 
-    async def _forward(self, batch: list[QueuedMessage], *, probe: bool = False) -> set[str]:
-        """Send one batch (the destination's probe, when it is not up) and write its outcome;
-        return the users with a message left queued."""
+    async def _forward(self, batch: list[QueuedMessage], *, probe: int = 0) -> set[str]:
+        """Send one batch (`probe`: the destination's probe, when it is not up) and write its
+        outcome; return the users with a message left queued."""
         try:
-            return await self._map_and_send(batch)
+            return await self._map_and_send(batch, probe)
         finally:
             self.state.destination.ended(probe)
 
-    async def _map_and_send(self, batch: list[QueuedMessage]) -> set[str]:
+    async def _map_and_send(self, batch: list[QueuedMessage], probe: int) -> set[str]:
         now = self.clock()
         if self.feed is not None:
             for row in batch:
@@ -137,10 +145,11 @@ class Outcomes:
             # relay): nothing of these users is sent; their rows stay as they were.
             return {row.user_key for row in batch}
         # (New names are remembered before the send: two lanes cannot both take the last slot.)
-        return await self._send(to_send) if to_send else set()
+        return await self._send(to_send, probe) if to_send else set()
 
-    async def _send(self, items: Items) -> set[str]:
-        """Send one batch and write its outcome; return the users with a message left queued."""
+    async def _send(self, items: Items, probe: int = 0, *, splitting: bool = False) -> set[str]:
+        """Send one batch and write its outcome; return the users with a message left queued.
+        (`splitting`: a half of a batch refused whole, see _split.)"""
         retry = self.config.retry
         commands = [c for _, c in items]
         self.metrics.batch_size.observe(len(commands))
@@ -160,27 +169,44 @@ class Outcomes:
                 reraise=True,
             ):
                 with attempt:
+                    sent_at = self.clock()
                     self.metrics.commands_sent.inc(len(commands))
                     results = await self.sender.send(commands)
         except TransientSendError as exc:
             if exc.retry_after_s is not None:
                 return self._pause(items, "retry_after", str(exc), exc.retry_after_s)
-            return await self._failed(items, exc, sent_at)
+            return await self._failed(items, exc, sent_at, probe)
         except CredentialsError as exc:
             return self._pause(items, "credentials", str(exc), self.config.credentials_probe_s)
         except PermanentSendError as exc:
-            return await self._split(items, exc)
-        return await self._settle(items, results)
+            return await self._refused_whole(items, exc, sent_at, splitting=splitting)
+        taken = any(r.outcome is Outcome.OK for r in results)
+        waiting = self._answered(items, sent_at, _refused_alike(results), taken=taken)
+        return waiting if waiting is not None else await self._settle(items, results)
+
+    async def _refused_whole(
+        self, items: Items, exc: PermanentSendError, sent_at: float, *, splitting: bool
+    ) -> set[str]:
+        """A 4xx for the whole request: split as always (the bad command may be one of many),
+        but the next batch of other users refused so pauses (a wrong base_url)."""
+        if not splitting:
+            error = f"{exc.status}: {exc.body}"
+            waiting = self._answered(items, sent_at, error, taken=False, can_hold=False)
+            if waiting is not None:
+                return waiting
+        return await self._split(items, exc)
 
     # --- the destination's state (destination.py) -----------------------------------------------
 
-    async def _failed(self, items: Items, exc: TransientSendError, sent_at: float) -> set[str]:
+    async def _failed(
+        self, items: Items, exc: TransientSendError, sent_at: float, probe: int
+    ) -> set[str]:
         """A batch failed for the destination's state: an outage charges no message; a batch
         that failed while others went through backs its users off."""
         destination = self.state.destination
         was = destination.state
-        now = self.clock()
-        if not destination.failed(sent_at, cut(str(exc), 500), now, now):
+        users = frozenset(row.user_key for row, _ in items)
+        if not destination.failed(sent_at, cut(str(exc), 500), users, probe, self.clock()):
             return await self._backoff(items, exc)
         if was is not State.DOWN:
             log.warning(
@@ -198,7 +224,7 @@ class Outcomes:
         destination = self.state.destination
         now = self.clock()
         first = destination.state is not State.PAUSED or destination.reason != reason
-        destination.pause(reason, cut(error, 500), now + seconds, now, now)
+        destination.pause(reason, cut(error, 500), now + seconds, now)
         if first:
             level = logging.WARNING if reason == "retry_after" else logging.ERROR
             log.log(
@@ -211,25 +237,33 @@ class Outcomes:
             )
         return {row.user_key for row, _ in items}
 
-    def _answered(self, items: Items, results: list[CommandResult]) -> set[str] | None:
-        """Take in that the destination answered a batch; the batch's users when it was
-        refused alike and is to wait (held, or forwarding paused), else None."""
+    def _answered(
+        self,
+        items: Items,
+        sent_at: float,
+        refused: str | None,
+        *,
+        taken: bool,
+        can_hold: bool = True,
+    ) -> set[str] | None:
+        """Take in that the destination answered a batch sent at `sent_at` (`refused`: the
+        error every command of it was refused with, None when not all alike; `taken`: a
+        command was taken); return the batch's users when it is to wait (held, or forwarding
+        paused), else None."""
         destination = self.state.destination
         now = self.clock()
-        came_back = destination.answered(now, now)
-        refused = {"; ".join(r.errors) for r in results if r.outcome is Outcome.ERROR}
-        if len(refused) == 1 and all(r.outcome is Outcome.ERROR for r in results):
-            error = refused.pop() or "refused by the destination"
-            users = frozenset(row.user_key for row, _ in items)
-            verdict = destination.refused_alike(
-                error, users, len(items), now, self.config.credentials_probe_s
-            )
+        users = frozenset(row.user_key for row, _ in items)
+        came_back = destination.answered(sent_at, users, now)
+        if refused is not None:
+            probe_s = self.config.credentials_probe_s
+            commands = len(items) if can_hold else 1  # one command is never held
+            verdict = destination.refused_alike(refused, users, commands, now, probe_s)
             if verdict is Verdict.PAUSE:
-                return self._pause(items, "configuration", error, self.config.credentials_probe_s)
+                return self._pause(items, "configuration", refused, probe_s)
             if verdict is Verdict.HOLD:
                 return set(users)
-        else:
-            came_back = destination.taken(now, now) or came_back
+        elif taken:
+            came_back = destination.taken(now) or came_back
         if came_back is not None:
             log.info(
                 "the destination is back after %.1fs; %d messages queued",
@@ -240,8 +274,6 @@ class Outcomes:
         return None
 
     async def _settle(self, items: Items, results: list[CommandResult]) -> set[str]:
-        if (waiting := self._answered(items, results)) is not None:
-            return waiting
         now = self.clock()
         acked: list[QueuedMessage] = []
         retry: list[Retry] = []
@@ -322,12 +354,15 @@ class Outcomes:
             await self._write(dead=[(row, failure)], now=self.clock())
             return set()
         middle = len(items) // 2
-        held = await self._send(items[:middle])
+        held = await self._send(items[:middle], splitting=True)
+        if self.state.destination.state is not State.UP:
+            # The first half found the destination down or paused: the rest stays as it is.
+            return held | {row.user_key for row, _ in items[middle:]}
         rest = [item for item in items[middle:] if item[0].user_key not in held]
         waiting = [item for item in items[middle:] if item[0].user_key in held]
         if waiting:
             await self._hold(waiting, self.clock(), "held behind an earlier message of its user")
-        return held | await self._send(rest) if rest else held
+        return held | await self._send(rest, splitting=True) if rest else held
 
     async def _write(
         self,

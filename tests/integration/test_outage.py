@@ -176,3 +176,38 @@ async def test_max_age_still_dead_letters_during_an_outage(tmp_path: Path) -> No
             assert T0 + 3600 < clock.now <= T0 + 3600 + 30  # at the first probe past an hour
             stats = await store.stats(clock.now)
             assert (stats.pending, stats.dead_letters) == (0, {"expired": 3})
+
+
+async def test_one_batch_that_fails_on_its_own_does_not_hold_the_relay(tmp_path: Path) -> None:
+    """A user whose messages make the destination answer 503 every time, sent first, alone in
+    flight: it looks like an outage, but the next probe is other users', it works, and that
+    user's messages then back off as theirs (in the queue, charged)."""
+    clock = Clock(T0)
+    fake = FakeInfinario()
+
+    def poisoned(commands: list[dict[str, Any]]) -> Reply:
+        ids = {c["data"]["customer_ids"]["registered"] for c in commands}
+        return Reply(status=503) if "poison" in ids else Reply()
+
+    fake.responder = poisoned
+    async with running_fake(fake) as (_, api):
+        config = make_config(
+            tmp_path / "q.db", api.url, destination={"concurrency": 1, "batch_size": 2}
+        )
+        async with running_relay(config, clock=clock) as relay:
+            calls = [track(0, "poison"), track(1, "poison")] + [
+                track(n, f"u{n}") for n in range(2, 8)
+            ]
+            assert (await post(relay.url, "/v1/batch", {"batch": calls}))[0] == 200
+            forwarder, store = relay.app[FORWARDER], relay.app[STORE]
+            destination = forwarder.state.destination
+            for _ in range(10):  # bounded: each turn a probe or a batch when due
+                await forwarder.drain(until_empty=False)
+                if not (await store.due(clock.now, (), 10)):
+                    break
+                clock.now = max(clock.now + 0.5, destination.next_probe)
+            assert destination.state is State.UP
+            stats = await store.stats(clock.now)
+            assert (stats.pending, stats.in_backoff) == (2, 2)
+            assert [r.attempts for r in await store.due(clock.now + 3600, (), 10)] == [1, 1]
+    assert sorted(n for _, n in delivered(fake)) == list(range(2, 8))
