@@ -9,6 +9,7 @@ import logging
 import logging.config
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,7 @@ def _retry_now(args: argparse.Namespace) -> int:
     async def run() -> int:
         store = await open_queue(config.queue, daemon=False)
         try:
-            return await store.retry_now()
+            return await store.retry_now(time.time())
         finally:
             await store.close()
 

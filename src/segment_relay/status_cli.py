@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# A relay records the destination's state when it changes, so at every probe while it is
+# down or paused: a record older than this is a relay that stopped.
+STALE_S = 600.0
+
+
 def _destination(relay: str, text: str, now: float) -> dict[str, Any]:
     """A relay's view of the destination (as Destination.report wrote it), timed from now."""
     seen = jsontext.loads_stored(text)
@@ -116,6 +121,8 @@ def _describe(seen: dict[str, Any]) -> str:
         text += f": {seen['last_error']}"
     if seen["next_probe_in_s"] is not None:
         text += f"; next probe in {seen['next_probe_in_s']:.1f}s"
+    if seen["state"] != "up" and seen["recorded_s_ago"] > STALE_S:
+        text += f" (as recorded {_duration(seen['recorded_s_ago'])} ago: is the relay running?)"
     return text
 
 

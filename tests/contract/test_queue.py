@@ -338,3 +338,18 @@ async def test_a_call_with_a_session_events_message_id_does_not_hide_the_event(
         assert [r.type for r in rows] == ["track", "session_start", "page", "session_end"]
     finally:
         await store.close()
+
+
+async def test_retry_now_makes_what_waits_due_and_the_state_is_recorded(backend: Backend) -> None:
+    store = await backend.open()
+    try:
+        await store.enqueue([msg(1, user="a"), msg(2, user="b")])
+        first, _ = await store.due(2000.0, (), 10)
+        await store.settle(retry=[(first, 9000.0, "asked to retry", False)], now=2000.0)
+        assert [r.message_id for r in await store.due(2000.0, (), 10)] == ["m2"]
+        assert await store.retry_now(2000.0) == 1
+        assert [r.message_id for r in await store.due(2000.0, (), 10)] == ["m1", "m2"]
+        await store.note_destination('{"state": "down"}')
+        assert [text for _, text in await store.destinations()] == ['{"state": "down"}']
+    finally:
+        await store.close()

@@ -148,8 +148,8 @@ class Queue(Protocol):
     async def destinations(self) -> list[tuple[str, str]]:
         """Each relay's view of the destination: (relay id, JSON); the id is "" on SQLite."""
 
-    async def retry_now(self) -> int:
-        """Make every message waiting for a retry due now; return how many."""
+    async def retry_now(self, now: float) -> int:
+        """Make every message waiting for a retry at `now` due now; return how many."""
 
     async def dead_letters(
         self, limit: int = 100, reason: str | None = None, after: int = 0

@@ -65,9 +65,9 @@ class Administration:
             rows = await conn.fetch(Q["destinations"])
         return [(str(r[0]), str(r[1])) for r in rows]
 
-    async def retry_now(self) -> int:
+    async def retry_now(self, now: float) -> int:
         async with self._db.connection() as conn:
-            moved = int(await conn.fetchval(Q["retry_now"], self.instance_id))
+            moved = int(await conn.fetchval(Q["retry_now"], self.instance_id, now))
         self.new_work.set()
         return moved
 

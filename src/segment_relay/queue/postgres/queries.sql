@@ -338,7 +338,7 @@ WHERE expires_at > now() AND destination IS NOT NULL ORDER BY started_at, id;
 -- Messages waiting for a retry, due now (`segment-relay retry-now`), in every relay's buckets.
 -- Counted as replays (by $1): they are due again below what the forwarders' reads covered.
 WITH due AS (
-    UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > 0 RETURNING 1
+    UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > $2 RETURNING 1
 ), counted AS (
     INSERT INTO counters (name, owner, value)
     SELECT 'replayed', $1, COUNT(*) FROM due HAVING COUNT(*) > 0

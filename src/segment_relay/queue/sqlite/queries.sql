@@ -165,4 +165,4 @@ SELECT '', value FROM relay_state WHERE name = 'destination';
 -- name: retry_now
 -- Messages waiting for a retry, due now (`segment-relay retry-now`). Counted as replays: they
 -- are due again below what the forwarder's reads have covered.
-UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > 0;
+UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > ?;

@@ -457,9 +457,9 @@ class SqliteQueue(GroupCommit):
         rows = await self._reader.execute_fetchall(Q["destinations"])
         return [(str(r[0]), str(r[1])) for r in rows]
 
-    async def retry_now(self) -> int:
+    async def retry_now(self, now: float) -> int:
         def due_now(raw: sqlite3.Connection) -> int:
-            moved = max(raw.execute(Q["retry_now"]).rowcount, 0)
+            moved = max(raw.execute(Q["retry_now"], (now,)).rowcount, 0)
             raw.execute(Q["count_replayed"], (moved,))
             return moved
 
