@@ -47,3 +47,14 @@ def test_looked_stops_at_the_last_row_of_a_full_read() -> None:
     horizon.read(xmin=2, xid=2, allocated=500)
     assert horizon.looked(xmin=3, xid=3, allocated=500, last_seq=120) == 120
     assert horizon.looked(xmin=4, xid=4, allocated=500, last_seq=None) == 500
+
+
+def test_reads_without_an_id_of_their_own_pair_nothing_but_still_judge() -> None:
+    horizon = Horizon()
+    assert horizon.wants_xid(0.0)
+    assert not horizon.wants_xid(0.05)  # at most every XID_EVERY_S
+    assert horizon.wants_xid(0.1)
+    horizon.read(xmin=1, xid=None, allocated=10)
+    horizon.read(xmin=2, xid=5, allocated=20)  # pairs 10 with 5
+    assert horizon.read(xmin=5, xid=None, allocated=30) == 0  # 5 may still run
+    assert horizon.read(xmin=6, xid=None, allocated=40) == 10

@@ -78,11 +78,12 @@ SELECT COUNT(*) FROM messages;
 -- once, so that the plan reads the oldest rows in order whatever the leases' statistics say.
 -- The bucket comes last: the caller stamps each row with its lease's epoch.
 -- Every row starts with what horizon.py needs to know how far the read saw everything (the
--- snapshot's xmin, a transaction id of the read's own and the sequence's last value) and the
--- count of dead letters ever replayed (they come back under their old seqs); with no message
--- due, only those come back.
+-- snapshot's xmin, a transaction id of the read's own when $7, and the sequence's last value)
+-- and the count of dead letters ever replayed (they come back under their old seqs); with no
+-- message due, only those come back.
 WITH horizon AS (
-    SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_current_xact_id()::text::bigint AS xid,
+    SELECT pg_snapshot_xmin(s)::text::bigint AS xmin,
+           CASE WHEN $7 THEN pg_current_xact_id()::text::bigint END AS xid,
            (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_seq_seq)
                AS allocated,
            (SELECT COALESCE(SUM(value), 0) FROM counters WHERE name = 'replayed')::bigint

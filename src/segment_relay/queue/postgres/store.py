@@ -426,7 +426,14 @@ class PostgresQueue(GroupCommit, Administration):
         epochs = self._leases.held
         async with self._db.connection(outcome=True) as conn:
             found = await conn.fetch(
-                Q["due_messages"], self.instance_id, buckets, now, list(busy_users), limit, after
+                Q["due_messages"],
+                self.instance_id,
+                buckets,
+                now,
+                list(busy_users),
+                limit,
+                after,
+                self._horizon.wants_xid(self._clock()),
             )
         xmin, xid, allocated, replayed = found[0][:4]
         self._replayed = replayed
