@@ -79,7 +79,8 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
 ) -> None:
     """The forwarder starts a read after what earlier reads saw (horizon.py); a call whose
     seq was taken before others' but committed after them is still found."""
-    a = await relays()
+    clock = Clock()
+    a = await relays(clock=clock)
     late = await asyncpg.connect(postgres_url)
     try:
         # A commit in progress: its dedup row first (as every ingest path), then its seq.
@@ -93,6 +94,7 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
         )
         looked = 0
         for n in range(5):  # commits and reads go on around it
+            clock.now += 1  # each read takes a transaction id of its own (horizon.py)
             await a.enqueue([msg(n, user=f"u{n}")])
             read = await a.read_due(2000.0, {f"u{i}" for i in range(5)}, 100, looked)
             assert read.rows == []
@@ -105,6 +107,7 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
         await late.close()
     # With nothing in progress, reads come to trust everything they saw, up to the newest.
     for _ in range(3):
+        clock.now += 1
         read = await a.read_due(2000.0, {"slow", *(f"u{i}" for i in range(5))}, 100, 0)
     newest = (await sql(postgres_url, "SELECT MAX(seq) FROM messages"))[0][0]
     assert read.looked == newest
@@ -115,7 +118,8 @@ async def test_a_read_never_trusts_the_seq_of_the_newest_transaction_still_runni
 ) -> None:
     """The transaction that took the seq is the newest with an id, and nothing commits
     after it: a snapshot's xmax is then its own id, and its xmin leaves it out."""
-    a = await relays()
+    clock = Clock()
+    a = await relays(clock=clock)
     await a.enqueue([msg(0, user="u0")])
     late = await asyncpg.connect(postgres_url)
     try:
@@ -128,6 +132,7 @@ async def test_a_read_never_trusts_the_seq_of_the_newest_transaction_still_runni
             bucket_of("slow"),
         )
         for _ in range(4):
+            clock.now += 1
             read = await a.read_due(2000.0, {"u0"}, 100, 0)
             assert read.rows == []
             assert read.looked < late_seq
