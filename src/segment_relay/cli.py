@@ -67,6 +67,25 @@ def logging_config(level: str, fmt: str = "text") -> dict[str, Any]:
     }
 
 
+GLOBAL_OPTIONS = ("--log-level", "--log-format")
+
+
+def _global_options_first(argv: Sequence[str]) -> list[str]:
+    """The arguments with --log-level and --log-format moved before the command, so that
+    they are accepted after it too (`segment-relay serve --config C --log-level debug`)."""
+    front: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg.split("=", 1)[0] in GLOBAL_OPTIONS:
+            front.append(arg)
+            if "=" not in arg and (value := next(args, None)) is not None:
+                front.append(value)
+        else:
+            rest.append(arg)
+    return front + rest
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segment-relay",
@@ -134,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_global_options_first(sys.argv[1:] if argv is None else argv))
     logging.config.dictConfig(logging_config(args.log_level, args.log_format))
     handler = {
         "serve": _serve,

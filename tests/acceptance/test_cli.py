@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,26 @@ async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
     code, out, _ = await run_cli("check-config", "--config", str(example))
     assert code == 0
     assert out.startswith("config OK: 1 source(s)")
+
+
+async def test_python_m_runs_the_cli_both_ways_and_global_options_go_anywhere(
+    tmp_path: Path,
+) -> None:
+    for module in ("segment_relay", "segment_relay.cli"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, "--version", stdout=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(30):
+            printed, _ = await process.communicate()
+        assert (process.returncode, printed.decode().split()[0]) == (0, "segment-relay")
+    example = Path(__file__).parents[2] / "config.example.yaml"
+    for args in (
+        ["--log-level", "warning", "check-config", "--config", str(example)],
+        ["check-config", "--config", str(example), "--log-level", "warning"],
+        ["check-config", "--log-format=json", "--config", str(example)],
+    ):
+        code, out, err = await run_cli(*args)
+        assert (code, out.split(":")[0]) == (0, "config OK"), err
+    code, _, err = await run_cli("check-config", "--config", str(example), "--log-level", "loud")
+    assert code == 2
+    assert "invalid choice: 'loud'" in err
