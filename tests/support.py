@@ -261,6 +261,26 @@ def install_node_client() -> Path:
     return Path(node)
 
 
+async def send_with_node_client(
+    node: Path, url: str, calls: list[Any], *node_options: str, timeout_s: float = 60.0
+) -> None:
+    """Send `calls` ([method, params] each) with @segment/analytics-node (tests/node/send.mjs)
+    to the relay at `url`; fail with its stderr if a call reported an error."""
+    process = await asyncio.create_subprocess_exec(
+        str(node),
+        *node_options,
+        str(NODE_DIR / "send.mjs"),
+        url,
+        json.dumps(calls),
+        WRITE_KEY,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout_s):
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
 def requires(*tools: str) -> pytest.MarkDecorator:
     """Skip, saying why, where a system tool the test drives is missing. .ci/run installs
     them all (Debian packages), so in CI these tests always run."""

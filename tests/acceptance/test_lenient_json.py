@@ -5,7 +5,6 @@ destination, in both API styles."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from segment_relay.service import STORE
 from segment_relay.testing import FakeInfinario
 from support import (
     AUTH,
-    NODE_DIR,
     WRITE_KEY,
     Backend,
     install_node_client,
@@ -26,6 +24,7 @@ from support import (
     requires,
     running_fake,
     running_relay,
+    send_with_node_client,
 )
 
 pytestmark = pytest.mark.acceptance
@@ -117,19 +116,7 @@ async def test_the_node_client_batch_with_a_lone_surrogate_is_delivered_whole(
     async with running_fake(fake) as (_, api_server):
         config = make_config(tmp_path / "q.db", api_server.url, sessions={"enabled": False})
         async with running_relay(config) as relay:
-            process = await asyncio.create_subprocess_exec(
-                str(node),
-                "--harmony-json-parse-with-source",
-                str(NODE_DIR / "send.mjs"),
-                relay.url,
-                json.dumps(calls),
-                WRITE_KEY,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            async with asyncio.timeout(60):
-                _, err = await process.communicate()
-            assert process.returncode == 0, err.decode()
+            await send_with_node_client(node, relay.url, calls, "--harmony-json-parse-with-source")
             commands = await fake.wait_for_commands(5)
     events = {properties(c).get("n", "order"): properties(c) for c in commands}
     assert sorted(events, key=str) == [0, 1, 2, 3, "order"]

@@ -74,6 +74,20 @@ async def test_a_users_calls_acked_one_after_another_by_two_relays_leave_in_orde
     assert [r.message_id for r in await owner.due(2000.0, (), 100)] == [f"m{i}" for i in range(20)]
 
 
+async def call_in_progress(conn: asyncpg.Connection) -> tuple[Any, int]:
+    """A commit in progress on `conn` (user "slow", messageId "late"): its dedup row first,
+    as every ingest path, then its seq. Returns the open transaction and the seq."""
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
+    seq = await conn.fetchval(
+        "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
+        " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
+        bucket_of("slow"),
+    )
+    return transaction, int(seq)
+
+
 async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
     relays: OpenRelay, postgres_url: str
 ) -> None:
@@ -83,15 +97,7 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
     a = await relays(clock=clock)
     late = await asyncpg.connect(postgres_url)
     try:
-        # A commit in progress: its dedup row first (as every ingest path), then its seq.
-        transaction = late.transaction()
-        await transaction.start()
-        await late.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
-        late_seq = await late.fetchval(
-            "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
-            " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
-            bucket_of("slow"),
-        )
+        transaction, late_seq = await call_in_progress(late)
         looked = 0
         for n in range(5):  # commits and reads go on around it
             clock.now += 1  # each read takes a transaction id of its own (horizon.py)
@@ -123,14 +129,7 @@ async def test_a_read_never_trusts_the_seq_of_the_newest_transaction_still_runni
     await a.enqueue([msg(0, user="u0")])
     late = await asyncpg.connect(postgres_url)
     try:
-        transaction = late.transaction()
-        await transaction.start()
-        await late.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
-        late_seq = await late.fetchval(
-            "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
-            " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
-            bucket_of("slow"),
-        )
+        transaction, late_seq = await call_in_progress(late)
         for _ in range(4):
             clock.now += 1
             read = await a.read_due(2000.0, {"u0"}, 100, 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +19,13 @@ from segment_relay.queue.protocol import Queue
 from segment_relay.service import STORE
 from support import (
     AUTH,
-    NODE_DIR,
     WRITE_KEY,
     install_node_client,
     make_config,
     post,
     requires,
     running_relay,
+    send_with_node_client,
 )
 
 WHEN = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -103,18 +102,7 @@ async def test_the_node_client_every_call_type(queue_path: Path) -> None:
         ["alias", {"previousId": "a1", "userId": "u1", "timestamp": ts}],
     ]
     async with running_relay(make_config(queue_path, "http://127.0.0.1:9"), forward=False) as relay:
-        process = await asyncio.create_subprocess_exec(
-            str(node),
-            str(NODE_DIR / "send.mjs"),
-            relay.url,
-            json.dumps(calls),
-            WRITE_KEY,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(60):
-            _, err = await process.communicate()
-        assert process.returncode == 0, err.decode()
+        await send_with_node_client(node, relay.url, calls)
         messages = await queued(relay.app[STORE])
     assert len(messages) == 6
     check_every_call_type(messages, "@segment/analytics-node")
