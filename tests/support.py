@@ -222,13 +222,26 @@ async def start_daemon(config_path: Path, *extra: str, timeout_s: float = 30.0) 
     return daemon
 
 
-async def run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-    """Run the CLI to completion; return (exit code, stdout, stderr)."""
+async def run_cli(
+    *args: str,
+    timeout_s: float = 60.0,
+    cwd: Path | None = None,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """Run the CLI to completion, from `cwd`, with `stdin` on a pipe and `env` added to the
+    environment; return (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
-        *relay_command(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *relay_command(),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
     async with asyncio.timeout(timeout_s):
-        out, err = await process.communicate()
+        out, err = await process.communicate(stdin)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 

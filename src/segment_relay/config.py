@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -447,9 +447,17 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the YAML config file at `path`."""
+    """Read and validate the YAML config file at `path`.
+
+    A relative `queue.path` is relative to the file's directory, so that every command given
+    the daemon's config finds the daemon's queue, wherever it is run from.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
-    return parse_config(text, environ)
+    config = parse_config(text, environ)
+    if config.queue.url or Path(config.queue.path).is_absolute():
+        return config
+    queue_path = os.path.normpath(Path(path).resolve().parent / config.queue.path)
+    return replace(config, queue=replace(config.queue, path=queue_path))

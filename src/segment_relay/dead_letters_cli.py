@@ -27,6 +27,7 @@ def add_parser(commands: Any) -> None:
     listing = actions.add_parser("list", help="one line per dead letter, oldest first")
     listing.add_argument("--reason", help="only those dead-lettered for this reason")
     listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="one JSON object a line, for scripts")
     show = actions.add_parser("show", help="one dead letter in full, as JSON")
     show.add_argument("id", type=int)
     fix = actions.add_parser(
@@ -38,8 +39,9 @@ def add_parser(commands: Any) -> None:
     replay.add_argument("ids", type=int, nargs="*", help="the dead letters to replay")
     replay.add_argument("--reason", help="replay every dead letter with this reason")
     purge = actions.add_parser("purge", help="delete dead letters")
+    purge.add_argument("--older-than", help="only those last tried before this long ago (e.g. 7d)")
     purge.add_argument(
-        "--older-than", default="0s", help="only those last tried before this long ago (e.g. 7d)"
+        "--yes", action="store_true", help="purge every dead letter without asking (scripts)"
     )
     for sub in (listing, show, fix, replay, purge):
         sub.add_argument("-c", "--config", required=True)
@@ -50,6 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "replay" and not args.ids and not args.reason:
         print("segment-relay: dead-letters replay needs IDs or --reason", file=sys.stderr)
         return EXIT_USAGE
+    if args.action == "purge" and args.older_than is None and not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                "segment-relay: dead-letters purge without --older-than deletes every dead "
+                "letter: add --yes to do that",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        answer = input("Delete every dead letter, for good? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return EXIT_FAILED
     if args.action == "fix":
         try:
             args.text = (
@@ -72,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
 async def _act(store: Queue, config: Config, args: argparse.Namespace) -> int:
     now = time.time()
     if args.action == "list":
-        for d in await store.dead_letters(limit=args.limit, reason=args.reason):
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.last_attempt_at))
-            print(f"{d.id}\t{when}\t{d.reason}\t{d.type}\t{d.message_id}\t{d.detail[:120]}")
-        return 0
+        return await _list(store, args.limit, args.reason, as_json=args.json)
     if args.action == "show":
         dead = await store.dead_letter(args.id)
         if dead is None:
@@ -87,8 +98,46 @@ async def _act(store: Queue, config: Config, args: argparse.Namespace) -> int:
         return await _fix(store, config, args.id, args.file, args.text)
     if args.action == "replay":
         return await _replay(store, args, now)
-    older = parse_duration(args.older_than, "--older-than")
+    older = parse_duration(args.older_than or 0, "--older-than")
     print(f"purged {await store.purge_dead_letters(now - older)} dead letters")
+    return 0
+
+
+LIST_COLUMNS = ("ID", "LAST TRIED (UTC)", "REASON", "TYPE", "MESSAGE ID", "DETAIL")
+DETAIL_WIDTH = 80
+
+
+async def _list(store: Queue, limit: int, reason: str | None, *, as_json: bool) -> int:
+    found = await store.dead_letters(limit=limit, reason=reason)
+    if as_json:
+        for d in found:
+            print(jsontext.dumps({k: v for k, v in d.__dict__.items() if k != "body"}).decode())
+        return 0
+    if not found:
+        counts = (await store.stats(time.time())).dead_letters
+        held = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+        if reason is None:
+            print("no dead letters")
+        else:
+            print(f"no dead letters with reason {reason!r} (there are: {held or 'none'})")
+        return 0
+    rows = [LIST_COLUMNS] + [
+        (
+            str(d.id),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.last_attempt_at)),
+            d.reason,
+            d.type,
+            d.message_id,
+            d.detail if len(d.detail) <= DETAIL_WIDTH else d.detail[: DETAIL_WIDTH - 3] + "...",
+        )
+        for d in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS) - 1)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]))
+    if len(found) == limit:
+        print(f"(the first {limit}; --limit N shows more)")
     return 0
 
 

@@ -42,14 +42,44 @@ async def test_list_show_replay_and_purge(tmp_path: Path) -> None:
 
         code, out, err = await run_cli("dead-letters", "list", "--config", str(config_path))
         assert code == 0, err
-        lines = [line.split("\t") for line in out.splitlines()]
-        assert [(f[2], f[3], f[4]) for f in lines] == [
+        # A header, then one aligned row each: every column starts where its heading does.
+        header, *rows = out.splitlines()
+        assert header.split() == [
+            "ID",
+            "LAST",
+            "TRIED",
+            "(UTC)",
+            "REASON",
+            "TYPE",
+            "MESSAGE",
+            "ID",
+            "DETAIL",
+        ]
+        starts = [header.index(h) for h in ("REASON", "TYPE", "MESSAGE ID", "DETAIL")]
+        assert [[row[i:].split(" ")[0] for i in starts] for row in rows] == [
+            ["rejected", "track", "m1", "scripted"],
+            ["rejected", "track", "m3", "scripted"],
+        ]
+        code, out, err = await run_cli(
+            "dead-letters", "list", "--json", "--config", str(config_path)
+        )
+        listed = [json.loads(line) for line in out.splitlines()]
+        assert [(d["reason"], d["type"], d["message_id"]) for d in listed] == [
             ("rejected", "track", "m1"),
             ("rejected", "track", "m3"),
         ]
+        assert [d["id"] for d in listed] == [int(row.split()[0]) for row in rows]
+
+        code, out, err = await run_cli(
+            "dead-letters", "list", "--reason", "expired", "--config", str(config_path)
+        )
+        assert (code, out.strip()) == (
+            0,
+            "no dead letters with reason 'expired' (there are: 2 rejected)",
+        ), err
 
         code, out, _ = await run_cli(
-            "dead-letters", "show", lines[0][0], "--config", str(config_path)
+            "dead-letters", "show", str(listed[0]["id"]), "--config", str(config_path)
         )
         shown = json.loads(out)
         assert (shown["message_id"], shown["detail"], shown["body"]["event"]) == (
@@ -64,7 +94,7 @@ async def test_list_show_replay_and_purge(tmp_path: Path) -> None:
         assert status["counters"] == {"delivered": 1, "dead_lettered": 2}
 
         code, out, _ = await run_cli(
-            "dead-letters", "replay", lines[0][0], "--config", str(config_path)
+            "dead-letters", "replay", str(listed[0]["id"]), "--config", str(config_path)
         )
         assert (code, out.strip()) == (0, "replayed 1 dead letters")
         async with running_relay(config) as relay:
@@ -75,7 +105,11 @@ async def test_list_show_replay_and_purge(tmp_path: Path) -> None:
             "dead-letters", "purge", "--older-than", "1d", "--config", str(config_path)
         )
         assert out.strip() == "purged 0 dead letters"
-        code, out, _ = await run_cli("dead-letters", "purge", "--config", str(config_path))
+        # Without a filter, purge deletes everything: not from a script without --yes.
+        code, out, err = await run_cli("dead-letters", "purge", "--config", str(config_path))
+        assert code == 64
+        assert "add --yes" in err
+        code, out, _ = await run_cli("dead-letters", "purge", "--yes", "--config", str(config_path))
         assert out.strip() == "purged 1 dead letters"
         code, out, _ = await run_cli("status", "--config", str(config_path))
         assert "dead letters:       0" in out

@@ -278,7 +278,7 @@ def test_random_input_never_gets_a_500_and_never_stores_what_cannot_be_sent(tmp_
         process.stderr.close()
         assert process.returncode == 0
     code, out, _ = subprocess_cli(
-        "dead-letters", "list", "--reason", "mapping_error", "--config", str(config)
+        "dead-letters", "list", "--json", "--reason", "mapping_error", "--config", str(config)
     )
     assert code == 0
     assert out == "", f"stored messages the mapping refused:\n{out}"

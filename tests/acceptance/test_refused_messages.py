@@ -70,27 +70,27 @@ async def test_refused_messages_are_kept_listed_fixed_and_replayed(tmp_path: Pat
             "Viewed",
         ]
 
-        code, out, err = await cli(config_path, "list", "--reason", "invalid")
+        code, out, err = await cli(config_path, "list", "--json", "--reason", "invalid")
         assert code == 0, err
-        invalid = {f[4]: f for f in (line.split("\t") for line in out.splitlines())}
+        invalid = {d["message_id"]: d for d in map(json.loads, out.splitlines())}
         assert sorted(invalid) == ["m-noevent", "m-single"]
-        assert "event is required" in invalid["m-noevent"][5]
-        code, out, _ = await cli(config_path, "list", "--reason", "too_large")
-        [big_line] = [line.split("\t") for line in out.splitlines()]
-        assert big_line[4] == "m-big"
-        assert "bytes; at most 32768" in big_line[5]
+        assert "event is required" in invalid["m-noevent"]["detail"]
+        code, out, _ = await cli(config_path, "list", "--json", "--reason", "too_large")
+        [big] = map(json.loads, out.splitlines())
+        assert big["message_id"] == "m-big"
+        assert "bytes; at most 32768" in big["detail"]
 
         # `show` prints the raw message: the one too large cut at the limit, with its size.
-        code, out, _ = await cli(config_path, "show", big_line[0])
+        code, out, _ = await cli(config_path, "show", str(big["id"]))
         shown = json.loads(out)
         assert isinstance(shown["body"], str)
         assert len(shown["body"].encode()) <= 32768
         assert shown["body"].startswith('{"type":"track"')
-        code, out, _ = await cli(config_path, "show", invalid["m-noevent"][0])
+        code, out, _ = await cli(config_path, "show", str(invalid["m-noevent"]["id"]))
         assert json.loads(out)["body"] == track("m-noevent", "b", properties={"plan": "pro"})
 
         # Not replayable as it is: replay says why and exits non-zero; nothing moves.
-        noevent = invalid["m-noevent"][0]
+        noevent = str(invalid["m-noevent"]["id"])
         code, out, err = await cli(config_path, "replay", noevent)
         assert code == 1
         assert out.strip() == "replayed 0 dead letters"

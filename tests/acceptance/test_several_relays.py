@@ -254,10 +254,16 @@ async def test_a_message_id_sent_to_both_relays_is_stored_and_delivered_once(
                 if status["pending"] == 0:
                     break
             code, listed, err = await run_cli(
-                "dead-letters", "list", "--reason", "rejected", "--config", str(configs[1])
+                "dead-letters",
+                "list",
+                "--json",
+                "--reason",
+                "rejected",
+                "--config",
+                str(configs[1]),
             )
             assert code == 0, err
-            dead_ids = [int(line.split("\t")[0]) for line in listed.splitlines() if line.strip()]
+            dead_ids = [orjson.loads(line)["id"] for line in listed.splitlines()]
             code, out, err = await run_cli(
                 "dead-letters", "replay", *map(str, dead_ids), "--config", str(configs[1])
             )

@@ -150,10 +150,10 @@ async def test_conservation_under_kills_and_faults(tmp_path: Path, seed: int) ->
             await drained(config)
         assert await run.daemon.stop() == 0
         code, out, err = await run_cli(
-            "dead-letters", "list", "--limit", "100000", "--config", str(config)
+            "dead-letters", "list", "--json", "--limit", "100000", "--config", str(config)
         )
         assert code == 0, err
-    dead_ids = [line.split("\t")[4] for line in out.splitlines()]
+    dead_ids = [json.loads(line)["message_id"] for line in out.splitlines()]
     dead = {int(i.removeprefix("chaos-")) for i in dead_ids if i.startswith("chaos-")}
     # A session_end the fake refused is dead-lettered: that session did end.
     ended = {

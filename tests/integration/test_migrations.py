@@ -96,8 +96,9 @@ async def test_a_relay_older_than_the_sqlite_queue_refuses_it(queue_path: Path) 
 
 async def test_the_postgres_schema_is_versioned_and_a_newer_one_refused(postgres_url: str) -> None:
     config = QueueConfig(url=postgres_url)
-    await (await open_queue(config, daemon=False)).close()
-    # Opened again (as every start does), nothing is applied twice.
+    await (await open_queue(config)).close()
+    # Opened again (as every start and every command does), nothing is applied twice.
+    await (await open_queue(config)).close()
     await (await open_queue(config, daemon=False)).close()
     conn = await asyncpg.connect(postgres_url)
     try:

@@ -241,3 +241,19 @@ async def test_connection_problems_name_queue_url_but_never_the_password(
     nobody = postgres_url.replace("postgres@", "nobody_here@")
     with pytest.raises(StoreError, match=r"queue\.url: the database refused .*nobody_here"):
         await open_queue(QueueConfig(url=nobody))
+
+
+async def test_a_command_on_a_database_without_a_queue_refuses_and_creates_nothing(
+    postgres_url: str,
+) -> None:
+    with pytest.raises(StoreError, match=r"queue\.url: the database .* holds no segment-relay"):
+        await open_queue(QueueConfig(url=postgres_url), daemon=False)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('segment_relay_schema')") is None
+    finally:
+        await conn.close()
+    relay = await open_queue(QueueConfig(url=postgres_url))
+    await relay.close()
+    command = await open_queue(QueueConfig(url=postgres_url), daemon=False)
+    await command.close()

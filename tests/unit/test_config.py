@@ -40,7 +40,8 @@ def test_example_config_is_valid_and_has_the_documented_defaults() -> None:
     config = load_config(ROOT / "config.example.yaml", environ={})
     assert config.server.port == 8088
     assert config.sources[0].write_key == "dev-write-key"
-    assert config.queue.path == "./relay-data/queue.db"
+    # Relative to the config file, wherever the command runs.
+    assert config.queue.path == str(ROOT.resolve() / "relay-data" / "queue.db")
     d = config.destination
     assert (d.api, d.batch_size, d.linger_s, d.timeout_s, d.token_field) == (
         "infinario",

@@ -87,9 +87,17 @@ async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool
     return pool
 
 
-async def _migrate(conn: asyncpg.Connection, where: str) -> None:
+async def _migrate(conn: asyncpg.Connection, where: str, *, create: bool) -> None:
     """Bring the schema up to date (queue/migrations.py) in one transaction, under an
-    advisory lock, so that relays starting together apply each migration once."""
+    advisory lock, so that relays starting together apply each migration once.
+
+    Without `create` (a command that only reads or administers the queue) a database that
+    holds no queue yet is refused, and left as it is."""
+    if not create and not await conn.fetchval(Q["schema_exists"]):
+        raise StoreError(
+            f"queue.url: the database {where} holds no segment-relay queue (a relay creates "
+            "it when it starts); is this the database the relays use?"
+        )
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -128,20 +136,21 @@ class Database:
 
     @classmethod
     async def open(
-        cls, config: QueueConfig, *, outcomes: bool, analyze: bool
+        cls, config: QueueConfig, *, outcomes: bool, analyze: bool, create: bool = True
     ) -> tuple[Database, int]:
         """Connect and upgrade the schema; return the database and the messages queued.
 
         `outcomes`: open the second pool (a relay that forwards). `analyze`: a queue that
         holds a backlog is analyzed at once (otherwise autovacuum's next round, up to a minute
-        later, and until then a plan may sort the whole queue). Raises StoreError naming
+        later, and until then a plan may sort the whole queue). `create`: make the schema in a
+        database that has none (else StoreError). Raises StoreError naming
         queue.url (never its password), or when a newer relay upgraded the schema.
         """
         pool = await _connect(config)
         where = redact_url(config.url)
         try:
             async with pool.acquire() as conn:
-                await _migrate(conn, where)
+                await _migrate(conn, where, create=create)
                 pending = int(await conn.fetchval(Q["count_messages"]))
                 if pending and analyze:
                     await conn.execute(Q["analyze"])

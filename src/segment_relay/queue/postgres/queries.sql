@@ -5,6 +5,9 @@
 -- name: schema_version
 SELECT COALESCE(MAX(version), 0) FROM segment_relay_schema;
 
+-- name: schema_exists
+SELECT to_regclass('segment_relay_schema') IS NOT NULL;
+
 -- name: insert_calls
 -- A group commit without session activity, in one statement: the messageIds new within the
 -- dedup window are recorded (a messageId accepted before within the window is left out, also

@@ -126,12 +126,15 @@ class PostgresQueue(GroupCommit, Administration):
         clock: Callable[[], float] = lease_clock,
     ) -> PostgresQueue:
         """Connect, upgrade the schema and, for a relay (`member`), join the relays sharing
-        the database and take a share of the buckets (`forwarding`).
+        the database and take a share of the buckets (`forwarding`). Only a relay creates
+        the schema in a database that has none.
 
         Raises StoreError naming queue.url (never its password) when the database cannot be
         reached or refuses the login, or was upgraded by a newer relay.
         """
-        db, pending = await Database.open(config, outcomes=forwarding, analyze=member)
+        db, pending = await Database.open(
+            config, outcomes=forwarding, analyze=member, create=member
+        )
         queue = cls(
             db,
             config,

@@ -10,6 +10,7 @@ in acceptance order and acks, reschedules or dead-letters them. One process owns
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -110,7 +111,9 @@ class SqliteQueue(GroupCommit):
         session_cache: int = 10_000,
         max_size: int = 0,
     ) -> SqliteQueue:
-        """Open (creating it and its directory when missing) the queue at `path`.
+        """Open the queue at `path`, creating it and its directory when missing, but for a
+        command that only reads or administers the queue (not `exclusive`): that gets
+        StoreError naming the path, and nothing is created.
 
         `session_cache`: how many sessions to hold on the event loop (see SessionCache).
 
@@ -120,6 +123,11 @@ class SqliteQueue(GroupCommit):
         relay.
         """
         db_path = Path(path)
+        if not exclusive and not await asyncio.to_thread(db_path.is_file):
+            raise StoreError(
+                f"no queue at {db_path}: is queue.path the relay's? (a relative path is "
+                "relative to the config file's directory)"
+            )
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
