@@ -35,6 +35,7 @@ TESTS = Path(__file__).parent
 CONFORMANCE = TESTS / "conformance"
 NODE_DIR = TESTS / "node"
 WRITE_KEY = "test-write-key"
+T0 = "2024-03-01T12:00:00Z"
 # One-line summaries that tests want printed at the end of the run (conftest prints them).
 SUMMARIES: list[str] = []
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
@@ -145,11 +146,11 @@ class Daemon:
     readers: list[asyncio.Task[None]] = field(default_factory=list)
     output_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
-    async def wait_stderr(self, text: str, timeout_s: float = 20.0) -> None:
-        """Wait (bounded) until the daemon logged a line containing `text`."""
+    async def wait_stderr(self, text: str, timeout_s: float = 20.0, count: int = 1) -> None:
+        """Wait (bounded) until the daemon logged `count` lines containing `text`."""
         async with asyncio.timeout(timeout_s), self.output_changed:
             await self.output_changed.wait_for(
-                lambda: any(text in line for line in self.stderr_lines)
+                lambda: sum(text in line for line in self.stderr_lines) >= count
             )
 
     async def wait_stdout(self, count: int, timeout_s: float = 20.0) -> list[str]:
@@ -415,3 +416,25 @@ class Backend:
         for queue in self.opened:
             with contextlib.suppress(Exception):
                 await queue.close()
+
+
+async def queue_two_calls(config: Path) -> None:
+    """Two calls of one user accepted by a daemon on `config`, then stopped; with the
+    destination down (127.0.0.1:9) and an hour's backoff they stay queued."""
+    daemon = await start_daemon(config)
+    try:
+        for n in range(2):
+            body = {"userId": "u", "event": "e", "messageId": f"m{n}", "timestamp": T0}
+            assert (await post(daemon.url, "/v1/track", body))[0] == 200
+    finally:
+        assert await daemon.stop() == 0
+
+
+def waiting_config(path: Path, queue_path: Path) -> Path:
+    """A config whose destination is down, so that what the relay accepts stays queued."""
+    return write_config(
+        path,
+        queue_path,
+        "http://127.0.0.1:9",
+        destination={"retry": {"backoff_initial": "1h", "backoff_max": "1h"}},
+    )

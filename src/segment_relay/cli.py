@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 
 from . import __version__, dead_letters_cli, jsontext, status_cli
-from .config import Config, load_config, redact_url
+from .config import Config, load_config, read_env_file, redact_url
 from .errors import ConfigError, StoreError
-from .queue import open_queue
+from .queue import inspect_queue, open_queue
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -111,8 +111,16 @@ def _parser() -> argparse.ArgumentParser:
         help="print each command as a JSON line on stdout instead of sending it",
     )
 
-    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check = commands.add_parser(
+        "check-config",
+        help="make every check serve makes before it listens (config, credentials, queue)",
+    )
     check.add_argument("-c", "--config", required=True)
+    check.add_argument(
+        "--env-file",
+        help="read ${VAR}s from this systemd EnvironmentFile only, as the service sees them",
+    )
+    check.add_argument("--dry-run", action="store_true", help="check as serve --dry-run would")
 
     status = commands.add_parser("status", help="show the queue: depth, backoff, dead letters")
     status.add_argument("-c", "--config", required=True)
@@ -174,23 +182,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STORE
 
 
-def _summary(config: Config) -> str:
+def _summary(config: Config, queue: str) -> str:
     d = config.destination
     return (
         f"config OK: {len(config.sources)} source(s), "
         f"listening on {config.server.host}:{config.server.port}, "
-        f"queue {redact_url(config.queue.url) if config.queue.url else config.queue.path}, "
+        f"queue {queue}, "
         f"destination {d.api} {d.base_url}, "
         f"sessions {'on' if config.sessions.enabled else 'off'}"
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .service import serve
+    from .service import apart, serve
 
     config = load_config(args.config)
-    with _daemon_runner() as runner:
-        return runner.run(serve(config, dry_run=args.dry_run, config_path=Path(args.config)))
+    config.check_serving(dry_run=args.dry_run)
+    with contextlib.ExitStack() as stack:
+        # A dry run has its own throwaway queue: it neither takes the real queue's messages
+        # nor leaves its sessions and counters there.
+        workdir = (
+            Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="segment-relay-dry-")))
+            if args.dry_run
+            else None
+        )
+
+        def load() -> Config:
+            loaded = load_config(args.config)
+            return loaded if workdir is None else apart(loaded, workdir)
+
+        if workdir is not None:
+            _warn_dry_run(config, load())
+        runner = stack.enter_context(_daemon_runner())
+        return runner.run(serve(load(), dry_run=args.dry_run, reload_config=load))
+
+
+def _warn_dry_run(config: Config, running: Config) -> None:
+    real = redact_url(config.queue.url) if config.queue.url else config.queue.path
+    log.warning(
+        "dry run: commands are printed, not sent; a throwaway queue at %s (deleted on exit) "
+        "stands in for %s, which is not touched",
+        running.queue.path,
+        real,
+        extra={"action": "dry_run"},
+    )
+    for key in config.well_known_keys():
+        log.warning(
+            "%s is the well-known development key: fine for a dry run, refused by a relay "
+            "that forwards",
+            key,
+            extra={"action": "dev_write_key"},
+        )
 
 
 def _daemon_runner() -> asyncio.Runner:
@@ -228,8 +270,11 @@ def _retry_now(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(_summary(config))
+    environ = None if args.env_file is None else read_env_file(args.env_file)
+    config = load_config(args.config, environ)
+    config.check_serving(dry_run=args.dry_run)
+    queue = asyncio.run(inspect_queue(config.queue))
+    print(_summary(config, queue))
     return 0
 
 

@@ -377,6 +377,12 @@ def _sources(value: Any, key: str) -> tuple[SourceConfig, ...]:
     return sources
 
 
+# The write key `segment-relay dev` uses and the README prints: never accepted by a relay that
+# forwards (Config.check_serving).
+DEV_WRITE_KEY = "dev-write-key"
+WELL_KNOWN_WRITE_KEYS = frozenset({DEV_WRITE_KEY})
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole relay configuration."""
@@ -397,6 +403,30 @@ class Config:
                 f"({self.queue.lease_s:g}s <= {self.destination.timeout_s:g}s): a relay that "
                 "lost its users to another may still be sending their messages"
             )
+
+    def check_serving(self, *, dry_run: bool) -> None:
+        """The checks of the config itself that `serve` makes before it starts, and
+        `check-config` with it: a relay that forwards has the destination's credentials and
+        no source takes a well-known development write key."""
+        if dry_run:
+            return
+        for i, source in enumerate(self.sources):
+            if source.write_key in WELL_KNOWN_WRITE_KEYS:
+                raise ConfigError(
+                    f"sources[{i}].write_key: {source.write_key!r} is the development key "
+                    "printed in the README, so anyone could send with it; set a key of your "
+                    "own (the example config reads SEGMENT_WRITE_KEY), or try the relay with "
+                    "serve --dry-run or segment-relay dev"
+                )
+        self.check_destination()
+
+    def well_known_keys(self) -> list[str]:
+        """The sources (as config keys) whose write key is a well-known development key."""
+        return [
+            f"sources[{i}].write_key"
+            for i, source in enumerate(self.sources)
+            if source.write_key in WELL_KNOWN_WRITE_KEYS
+        ]
 
     def check_destination(self) -> None:
         """Raise ConfigError unless the destination has the credentials its API style needs."""
@@ -461,3 +491,27 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         return config
     queue_path = os.path.normpath(Path(path).resolve().parent / config.queue.path)
     return replace(config, queue=replace(config.queue, path=queue_path))
+
+
+_ENV_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """The variables of a systemd EnvironmentFile: `VAR=value` lines; blank lines and lines
+    starting with # or ; are skipped; a value in single or double quotes loses them."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the environment file {path}: {exc.strerror}") from exc
+    found: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith(("#", ";")):
+            continue
+        match = _ENV_LINE.match(line)
+        if match is None:
+            raise ConfigError(f"{path}:{number}: not a VAR=value line")
+        name, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        found[name] = value
+    return found

@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
-from .config import Config, load_config
+from .config import Config
 from .destination import State
 from .errors import ConfigError, StoreError
 
@@ -25,8 +26,9 @@ _PAUSED = {
     "configuration": "the destination refuses every command alike (check destination.*), "
     "forwarding paused",
 }
-# Keys SIGHUP applies; any other change needs a restart.
+# Sections SIGHUP applies; a change to the others needs a restart.
 RELOADABLE = ("sources", "destination", "mapping")
+FIXED = ("server", "queue", "sessions", "shutdown", "debugger")
 
 
 def add_routes(app: web.Application, relay: web.Application) -> None:
@@ -139,34 +141,31 @@ async def watchdog(app: web.Application, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), notifier.watchdog_s / 2)
 
 
-def reload(app: web.Application, path: Path) -> list[str]:
-    """Apply the config file's reloadable keys (SIGHUP); return what changed.
+def reload(app: web.Application, load: Callable[[], Config]) -> list[str]:
+    """Apply the reloadable keys of the config `load` reads (SIGHUP); return what changed.
 
-    Write keys, destination settings and mapping names change in place; other keys are
-    left as they are, with a warning that they need a restart. A bad file changes nothing.
+    Write keys, destination settings and mapping names change in place. Other sections keep
+    what is running, with a warning naming those that differ from it and need a restart (a
+    file changed back warns no more). A bad file changes nothing.
     """
     old: Config = app[CONFIG]
     try:
-        new = load_config(path)
-        if FORWARDER in app and app[FORWARDER].sends:
-            new.check_destination()
+        new = load()
+        new.check_serving(dry_run=FORWARDER not in app or not app[FORWARDER].sends)
     except ConfigError as exc:
         log.error(  # noqa: TRY400 - the message names the bad key; no traceback needed
             "reload refused, the running config stays: %s", exc, extra={"action": "reload_failed"}
         )
         return []
     changed = [name for name in RELOADABLE if getattr(old, name) != getattr(new, name)]
-    fixed = [
-        name
-        for name in ("server", "queue", "sessions", "shutdown")
-        if getattr(old, name) != getattr(new, name)
-    ]
+    fixed = [name for name in FIXED if getattr(old, name) != getattr(new, name)]
     if fixed:
         log.warning(
-            "reload: %s changed and need a restart",
+            "reload: %s changed and need a restart; the running values stay until then",
             ", ".join(fixed),
             extra={"action": "reload_partial"},
         )
+    new = replace(new, **{name: getattr(old, name) for name in FIXED})
     app[CONFIG] = new
     app[RECEIVER].reload(new)
     if FORWARDER in app:

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,7 +36,7 @@ from .appkeys import (
     STOPPING,
     STORE,
 )
-from .config import Config, build
+from .config import DEV_WRITE_KEY, Config, build
 from .debugger import DebugFeed
 from .errors import StoreError
 from .forward import Forwarder
@@ -243,17 +244,18 @@ async def serve(
     config: Config,
     *,
     dry_run: bool = False,
-    config_path: Path | None = None,
+    reload_config: Callable[[], Config] | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> int:
     """Run the relay until SIGTERM or SIGINT, then stop cleanly; return the exit code.
 
     Stopping: /ready and the Segment API answer 503 at once, the forwarder stops claiming and
     its batches in flight get `shutdown.grace` to finish, then open requests are answered and
-    the listeners and the queue close. A second signal skips the grace period.
+    the listeners and the queue close. A second signal skips the grace period. SIGHUP
+    applies what `reload_config` returns (the config file read again), when given.
     """
     app = create_app(config, dry_run=dry_run)
-    stop = _handle_signals(app, config_path)
+    stop = _handle_signals(app, reload_config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     sites = [web.TCPSite(runner, config.server.host, config.server.port)]
@@ -301,15 +303,17 @@ async def serve(
     return 1 if app[FATAL].is_set() else 0
 
 
-def _handle_signals(app: web.Application, config_path: Path | None) -> asyncio.Event:
+def _handle_signals(
+    app: web.Application, reload_config: Callable[[], Config] | None
+) -> asyncio.Event:
     """SIGTERM/SIGINT set the returned event (a signal only sets an event, docs/architecture.md);
     SIGHUP reloads. Installed before start-up, so no signal finds the default handler."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, ops.reload, app, config_path)
+    if reload_config is not None:
+        loop.add_signal_handler(signal.SIGHUP, ops.reload, app, reload_config)
     return stop
 
 
@@ -341,7 +345,10 @@ async def _cleanup(runner: web.AppRunner, admin: web.AppRunner | None) -> None:
     await runner.cleanup()
 
 
-DEV_WRITE_KEY = "dev-write-key"
+def apart(config: Config, workdir: Path) -> Config:
+    """`config` with a queue of its own in `workdir`: a dry run's or `dev`'s."""
+    queue = replace(config.queue, url="", path=str(workdir / "queue.db"))
+    return replace(config, queue=queue)
 
 
 async def dev(workdir: Path, *, port: int, fake: bool) -> int:
@@ -363,13 +370,13 @@ async def dev(workdir: Path, *, port: int, fake: bool) -> int:
         {
             "server": {"host": "127.0.0.1", "port": port},
             "sources": [{"name": "dev", "write_key": DEV_WRITE_KEY}],
-            "queue": {"path": str(workdir / "queue.db")},
             "destination": {"base_url": base_url, "project_token": "TOKEN", "linger": "50ms"},
             "sessions": {"idle_timeout": "5m"},
             "debugger": {"enabled": True},
         },
         "",
     )
+    config = apart(config, workdir)
 
     def announce(url: str) -> None:
         target = f"the fake Infinario API at {base_url}" if fake else "stdout (dry run)"

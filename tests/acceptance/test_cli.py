@@ -172,9 +172,9 @@ async def test_check_config_names_the_bad_key(tmp_path: Path, yaml_text: str, na
     assert out == ""
 
 
-async def test_check_config_accepts_the_example(tmp_path: Path) -> None:
+async def test_check_config_accepts_the_example_for_a_dry_run(tmp_path: Path) -> None:
     example = Path(__file__).parents[2] / "config.example.yaml"
-    code, out, _ = await run_cli("check-config", "--config", str(example))
+    code, out, _ = await run_cli("check-config", "--dry-run", "--config", str(example))
     assert code == 0
     assert out.startswith("config OK: 1 source(s)")
 
@@ -191,9 +191,9 @@ async def test_python_m_runs_the_cli_both_ways_and_global_options_go_anywhere(
         assert (process.returncode, printed.decode().split()[0]) == (0, "segment-relay")
     example = Path(__file__).parents[2] / "config.example.yaml"
     for args in (
-        ["--log-level", "warning", "check-config", "--config", str(example)],
-        ["check-config", "--config", str(example), "--log-level", "warning"],
-        ["check-config", "--log-format=json", "--config", str(example)],
+        ["--log-level", "warning", "check-config", "--dry-run", "--config", str(example)],
+        ["check-config", "--dry-run", "--config", str(example), "--log-level", "warning"],
+        ["check-config", "--log-format=json", "--dry-run", "--config", str(example)],
     ):
         code, out, err = await run_cli(*args)
         assert (code, out.split(":")[0]) == (0, "config OK"), err

@@ -20,32 +20,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import AUTH, post, queue_pending, relay_command, start_daemon, write_config
+from support import (
+    AUTH,
+    queue_pending,
+    queue_two_calls,
+    relay_command,
+    start_daemon,
+    waiting_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.acceptance
-T0 = "2024-03-01T12:00:00Z"
 
 
 async def queue_with_two_calls(tmp_path: Path) -> Path:
     """A config whose queue holds two accepted calls (the daemon stopped, nothing sent)."""
-    config = write_config(
-        tmp_path / "relay.yaml",
-        tmp_path / "data" / "q.db",
-        "http://127.0.0.1:9",
-        destination={"retry": {"backoff_initial": "1h", "backoff_max": "1h"}},
-    )
-    daemon = await start_daemon(config)
-    try:
-        for n in range(2):
-            assert (
-                await post(
-                    daemon.url,
-                    "/v1/track",
-                    {"userId": "u", "event": "e", "messageId": f"m{n}", "timestamp": T0},
-                )
-            )[0] == 200
-    finally:
-        assert await daemon.stop() == 0
+    config = waiting_config(tmp_path / "relay.yaml", tmp_path / "data" / "q.db")
+    await queue_two_calls(config)
     return config
 
 
@@ -225,9 +216,19 @@ def send(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int
 
 
 def test_random_input_never_gets_a_500_and_never_stores_what_cannot_be_sent(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", "http://127.0.0.1:9")
+    # The bundled fake API (a process of its own) takes what the relay forwards.
+    fake = subprocess.Popen(
+        [*relay_command(), "fake-infinario", "--port", "0", "--token", "TOKEN", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert fake.stderr is not None
+    banner = fake.stderr.readline().decode()
+    assert "listening on " in banner, banner
+    api = banner.split("listening on ")[1].split(" ")[0]
+    config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", api)
     process = subprocess.Popen(
-        [*relay_command(), "serve", "--config", str(config), "--dry-run"],
+        [*relay_command(), "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -276,6 +277,9 @@ def test_random_input_never_gets_a_500_and_never_stores_what_cannot_be_sent(tmp_
         if drain is not None:
             drain.join(timeout=10)
         process.stderr.close()
+        fake.send_signal(signal.SIGINT)
+        fake.wait(timeout=30)
+        fake.stderr.close()
         assert process.returncode == 0
     code, out, _ = subprocess_cli(
         "dead-letters", "list", "--json", "--reason", "mapping_error", "--config", str(config)

@@ -272,6 +272,27 @@ async def test_sighup_reloads_the_write_keys(tmp_path: Path) -> None:
             assert await daemon.stop() == 0
 
 
+async def test_sighup_keeps_what_needs_a_restart_and_a_file_changed_back_warns_no_more(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", "http://127.0.0.1:9")
+    daemon = await start_daemon(config)
+    try:
+        write_config(tmp_path / "relay.yaml", tmp_path / "elsewhere.db", "http://127.0.0.1:9")
+        daemon.process.send_signal(signal.SIGHUP)
+        await daemon.wait_stderr("reloaded:")
+        write_config(tmp_path / "relay.yaml", tmp_path / "q.db", "http://127.0.0.1:9")
+        daemon.process.send_signal(signal.SIGHUP)  # back to what runs: nothing to restart for
+        await daemon.wait_stderr("reloaded:", count=2)
+        assert (await post(daemon.url, "/v1/track", {"userId": "u", "event": "e"}))[0] == 200
+    finally:
+        assert await daemon.stop() == 0
+    warned = [line for line in daemon.stderr_lines if "need a restart" in line]
+    assert len(warned) == 1, daemon.stderr_lines
+    assert "reload: queue changed" in warned[0]
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
 async def test_sigterm_with_a_backlog_drains_in_flight_and_loses_nothing(tmp_path: Path) -> None:
     fake = FakeInfinario()
     slow = True

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from support import post, run_cli, start_daemon, write_config
+from support import (
+    T0,
+    post,
+    queue_two_calls,
+    run_cli,
+    start_daemon,
+    waiting_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.acceptance
-T0 = "2024-03-01T12:00:00Z"
-
-
-async def queue_two_calls(config: Path) -> None:
-    """Two calls accepted by a daemon on `config` whose destination is down, then stopped."""
-    daemon = await start_daemon(config)
-    try:
-        for n in range(2):
-            body = {"userId": "u", "event": "e", "messageId": f"m{n}", "timestamp": T0}
-            assert (await post(daemon.url, "/v1/track", body))[0] == 200
-    finally:
-        assert await daemon.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -50,12 +47,7 @@ async def test_a_relative_queue_path_is_the_config_files_wherever_a_command_runs
 ) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "elsewhere").mkdir()
-    config = write_config(
-        tmp_path / "etc" / "relay.yaml",
-        Path("data/q.db"),
-        "http://127.0.0.1:9",
-        destination={"retry": {"backoff_initial": "1h", "backoff_max": "1h"}},
-    )
+    config = waiting_config(tmp_path / "etc" / "relay.yaml", Path("data/q.db"))
     await queue_two_calls(config)
     assert (tmp_path / "etc" / "data" / "q.db").is_file()
     code, out, err = await run_cli(
@@ -65,3 +57,135 @@ async def test_a_relative_queue_path_is_the_config_files_wherever_a_command_runs
     report = json.loads(out)
     assert (report["queue"], report["pending"]) == (str(tmp_path / "etc" / "data" / "q.db"), 2)
     assert not (tmp_path / "elsewhere" / "data").exists()
+
+
+EXAMPLE = Path(__file__).parents[2] / "config.example.yaml"
+
+
+def example_on_port_0(tmp_path: Path) -> Path:
+    """The example config, listening on any free port with its queue under `tmp_path`."""
+    text = EXAMPLE.read_text().replace("port: 8088 ", "port: 0 ")
+    text = text.replace("path: ./relay-data/queue.db", f"path: {tmp_path / 'data' / 'q.db'}")
+    path = tmp_path / "example.yaml"
+    path.write_text(text)
+    return path
+
+
+def refused_configs(tmp_path: Path) -> list[tuple[Path, int, str]]:
+    """Configs `serve` refuses before it listens: (file, exit code, what the error names)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"destination": {"project_token": ""}}, 2, "destination.project_token: required"),
+        (
+            {"destination": {"api": "exponea", "api_key": ""}},
+            2,
+            "destination.api_key: required when destination.api is exponea",
+        ),
+        (
+            {"sources": [{"name": "web", "write_key": "dev-write-key"}]},
+            2,
+            "sources[0].write_key: 'dev-write-key' is the development key",
+        ),
+        ({"queue": {"path": str(blocker / "q.db")}}, 3, str(blocker)),
+        ({"queue": {"path": str(garbage)}}, 3, "is not a usable SQLite database"),
+    ]
+    return [
+        (write_config(tmp_path / f"c{i}.yaml", tmp_path / "ok.db", "http://127.0.0.1:9", **s), c, n)
+        for i, (s, c, n) in enumerate(cases)
+    ]
+
+
+async def test_check_config_refuses_what_serve_refuses_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    for config, code, named in refused_configs(tmp_path):
+        checked = await run_cli("check-config", "--config", str(config))
+        assert (checked[0], named in checked[2], checked[1]) == (code, True, ""), checked
+        served = await run_cli("serve", "--config", str(config))
+        assert (served[0], named in served[2]) == (code, True), served
+    assert not (tmp_path / "ok.db").exists()
+
+
+async def test_check_config_reads_the_units_environment_file_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    config = example_on_port_0(tmp_path)
+    env_file = tmp_path / "env"
+    env_file.write_text(
+        "# as in /etc/segment-relay/env\n\nSEGMENT_WRITE_KEY=a-key-of-our-own\n"
+        "INFINARIO_PROJECT_TOKEN='the-token'\n"
+    )
+    code, out, err = await run_cli(
+        "check-config", "--config", str(config), "--env-file", str(env_file)
+    )
+    assert code == 0, err
+    assert out.startswith(
+        f"config OK: 1 source(s), listening on 127.0.0.1:0, queue SQLite {tmp_path / 'data' / 'q.db'} (created at start)"
+    )
+    assert not (tmp_path / "data").exists()
+    # The shell's variables are not what the service sees: only the file counts.
+    env_file.write_text("SEGMENT_WRITE_KEY=a-key-of-our-own\n")
+    code, out, err = await run_cli(
+        "check-config",
+        "--config",
+        str(config),
+        "--env-file",
+        str(env_file),
+        env={"INFINARIO_PROJECT_TOKEN": "from-the-shell"},
+    )
+    assert code == 2
+    assert "destination.project_token: required" in err
+    env_file.write_text("SEGMENT_WRITE_KEY\n")
+    code, out, err = await run_cli(
+        "check-config", "--config", str(config), "--env-file", str(env_file)
+    )
+    assert (code, err.strip()) == (
+        2,
+        f"segment-relay: config error: {env_file}:1: not a VAR=value line",
+    )
+
+
+async def test_the_example_config_forwards_only_with_a_write_key_of_its_own(
+    tmp_path: Path,
+) -> None:
+    config = example_on_port_0(tmp_path)
+    token = {"INFINARIO_PROJECT_TOKEN": "the-token"}
+    code, _, err = await run_cli("serve", "--config", str(config), env=token)
+    assert code == 2
+    assert "sources[0].write_key: 'dev-write-key' is the development key" in err
+    assert not (tmp_path / "data").exists()
+    # A dry run takes it, and says so.
+    daemon = await start_daemon(config, "--dry-run")
+    assert await daemon.stop() == 0
+    assert any(
+        "WARNING" in line and "sources[0].write_key is the well-known development key" in line
+        for line in daemon.stderr_lines
+    ), daemon.stderr_lines
+
+
+async def test_a_dry_run_keeps_its_state_apart_from_the_real_queue(tmp_path: Path) -> None:
+    config = waiting_config(tmp_path / "relay.yaml", tmp_path / "data" / "q.db")
+    await queue_two_calls(config)
+    code, out, err = await run_cli("status", "--json", "--config", str(config))
+    assert code == 0, err
+    before = json.loads(out)
+    daemon = await start_daemon(config, "--dry-run")
+    try:
+        page = {"userId": "dry", "name": "Home", "messageId": "p1", "timestamp": T0}
+        assert (await post(daemon.url, "/v1/page", page))[0] == 200
+        await daemon.wait_stdout(2)  # session_start and the page
+    finally:
+        assert await daemon.stop() == 0
+    printed = [json.loads(line) for line in daemon.stdout_lines]
+    assert {c["data"]["customer_ids"]["registered"] for c in printed} == {"dry"}
+    code, out, err = await run_cli("status", "--json", "--config", str(config))
+    assert code == 0, err
+    after = json.loads(out)
+    assert (after["pending"], after["open_sessions"], after["counters"]) == (
+        2,
+        0,
+        before["counters"],
+    )

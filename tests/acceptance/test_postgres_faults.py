@@ -77,10 +77,11 @@ async def test_a_wrong_queue_url_stops_the_start_naming_the_key_not_the_password
     assert process.returncode == 3
     assert "queue.url: cannot connect to postgresql://relay:***@127.0.0.1:1/relay" in err.decode()
     assert "s3cret" not in err.decode()
+    # check-config makes the same check, and says the same.
     code, out, err_text = await run_cli("check-config", "--config", str(config))
-    assert code == 0, err_text
-    assert "queue postgresql://relay:***@127.0.0.1:1/relay" in out
-    assert "s3cret" not in out
+    assert (code, out) == (3, "")
+    assert "queue.url: cannot connect to postgresql://relay:***@127.0.0.1:1/relay" in err_text
+    assert "s3cret" not in err_text
 
 
 @can_restart

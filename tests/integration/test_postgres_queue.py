@@ -13,8 +13,9 @@ import pytest
 
 from segment_relay.config import QueueConfig
 from segment_relay.errors import StoreError
-from segment_relay.queue import open_queue
+from segment_relay.queue import inspect_queue, open_queue
 from segment_relay.queue.postgres import PostgresQueue
+from segment_relay.queue.postgres.database import MIGRATIONS as PG_MIGRATIONS
 from segment_relay.queue.postgres.leases import BUCKETS, bucket_of
 from segment_relay.sessions import SessionRules
 from support import database_url, msg, page
@@ -253,7 +254,12 @@ async def test_a_command_on_a_database_without_a_queue_refuses_and_creates_nothi
         assert await conn.fetchval("SELECT to_regclass('segment_relay_schema')") is None
     finally:
         await conn.close()
-    relay = await open_queue(QueueConfig(url=postgres_url))
+    # check-config's look creates nothing either.
+    config = QueueConfig(url=postgres_url)
+    assert (await inspect_queue(config)).endswith("(the schema is created at start)")
+    relay = await open_queue(config)
     await relay.close()
-    command = await open_queue(QueueConfig(url=postgres_url), daemon=False)
+    command = await open_queue(config, daemon=False)
     await command.close()
+    latest = PG_MIGRATIONS[-1].version
+    assert (await inspect_queue(config)).endswith(f"(schema version {latest}, 0 messages queued)")

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from ..config import QueueConfig
 from ..sessions import SessionRules
 from .protocol import Queue
 from .sqlite import SqliteQueue
+from .sqlite.database import inspect as inspect_sqlite
 
-__all__ = ["Queue", "open_queue"]
+__all__ = ["Queue", "inspect_queue", "open_queue"]
 
 
 async def open_queue(
@@ -49,3 +53,13 @@ async def open_queue(
         sessions=sessions,
         session_cache=session_cache,
     )
+
+
+async def inspect_queue(config: QueueConfig) -> str:
+    """Check that the relay can use the queue `config` names, creating and changing nothing,
+    and describe it (`check-config`); StoreError naming what `serve` would refuse."""
+    if config.url:
+        from .postgres.database import inspect  # noqa: PLC0415 - see open_queue
+
+        return await inspect(config)
+    return await asyncio.to_thread(inspect_sqlite, Path(config.path))

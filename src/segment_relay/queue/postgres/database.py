@@ -87,6 +87,25 @@ async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool
     return pool
 
 
+async def inspect(config: QueueConfig) -> str:
+    """What `check-config` says of the database at `queue.url`, found usable by the relay
+    without changing anything; StoreError naming what `serve` would refuse."""
+    where = redact_url(config.url)
+    pool = await _connect(config)
+    try:
+        async with pool.acquire() as conn:
+            if not await conn.fetchval(Q["schema_exists"]):
+                return f"PostgreSQL {where} (the schema is created at start)"
+            version = int(await conn.fetchval(Q["schema_version"]))
+            migrations.pending(MIGRATIONS, version, where)
+            pending = int(await conn.fetchval(Q["count_messages"])) if version else 0
+    except UNREACHABLE as exc:
+        raise StoreError(f"queue.url: cannot reach {where}: {exc}") from exc
+    finally:
+        await pool.close()
+    return f"PostgreSQL {where} (schema version {version}, {pending} messages queued)"
+
+
 async def _migrate(conn: asyncpg.Connection, where: str, *, create: bool) -> None:
     """Bring the schema up to date (queue/migrations.py) in one transaction, under an
     advisory lock, so that relays starting together apply each migration once.

@@ -3,6 +3,8 @@ versions"). The queue itself is store.py."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -92,3 +94,36 @@ def _migrate(raw: sqlite3.Connection, where: str) -> None:
         if raw.in_transaction:
             raw.execute("ROLLBACK")
         raise
+
+
+def inspect(db_path: Path) -> str:
+    """What `check-config` says of the queue at `db_path`, found usable by the relay without
+    creating or changing anything; StoreError naming what `serve` would refuse."""
+    if not db_path.exists():
+        ancestor = db_path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"cannot create the queue {db_path}: {ancestor} is not a directory this user "
+                "can write"
+            )
+        return f"SQLite {db_path} (created at start)"
+    if not db_path.is_file():
+        raise StoreError(f"the queue {db_path} is not a file")
+    if not os.access(db_path, os.R_OK | os.W_OK) or not os.access(db_path.parent, os.W_OK):
+        raise StoreError(
+            f"cannot write to the queue {db_path}: make the file and its directory writable "
+            "by the relay's user"
+        )
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as db:
+            [(version,)] = db.execute("PRAGMA user_version").fetchall()
+            migrations.pending(MIGRATIONS, int(version), str(db_path))
+            pending = db.execute(Q["count_messages"]).fetchone()[0] if version else 0
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"the queue {db_path} is not a usable SQLite database ({exc}); move it aside to "
+            "start with an empty queue, or restore it from a backup"
+        ) from exc
+    return f"SQLite {db_path} (schema version {version}, {pending} messages queued)"
