@@ -18,12 +18,13 @@ import orjson
 
 from . import __version__, dead_letters_cli, jsontext, status_cli
 from .config import Config, load_config, read_env_file, redact_url
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, ListenError, StoreError
 from .queue import inspect_queue, open_queue
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
 EXIT_STORE = 3
+EXIT_LISTEN = 4
 EXIT_USAGE = 64
 GIL_SWITCH_INTERVAL_S = 0.0001
 
@@ -63,7 +64,13 @@ def logging_config(level: str, fmt: str = "text") -> dict[str, Any]:
             }
         },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
-        "loggers": {"aiohttp.access": {"level": "WARNING"}},
+        "loggers": {
+            "aiohttp.access": {"level": "WARNING"},
+            # --log-level debug is for the relay's own lines: not every SQL statement.
+            "aiosqlite": {"level": "INFO"},
+            "asyncio": {"level": "INFO"},
+            "segment_relay.service.listening": {"level": "INFO"},
+        },
     }
 
 
@@ -163,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = _parser().parse_args(_global_options_first(sys.argv[1:] if argv is None else argv))
     logging.config.dictConfig(logging_config(args.log_level, args.log_format))
+    logging.captureWarnings(True)
     handler = {
         "serve": _serve,
         "check-config": _check_config,
@@ -175,11 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"segment-relay: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(args, "config error", exc, EXIT_CONFIG)
     except StoreError as exc:
-        print(f"segment-relay: queue error: {exc}", file=sys.stderr)
-        return EXIT_STORE
+        return _failed(args, "queue error", exc, EXIT_STORE)
+    except ListenError as exc:
+        return _failed(args, "listen error", exc, EXIT_LISTEN)
+
+
+def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> int:
+    """Say why the command failed (with --log-format json, as a log line like every other)."""
+    if args.log_format == "json":
+        log.error("%s: %s", kind, exc, extra={"action": "failed", "exit_code": code})
+    else:
+        print(f"segment-relay: {kind}: {exc}", file=sys.stderr)
+    return code
 
 
 def _summary(config: Config, queue: str) -> str:

@@ -14,6 +14,10 @@ class ConfigError(RelayError):
     """The configuration is invalid."""
 
 
+class ListenError(RelayError):
+    """The relay cannot listen on its address."""
+
+
 class StoreError(RelayError):
     """The queue database cannot be used."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from . import jsontext
@@ -131,6 +132,7 @@ class Forwarder(Outcomes):
                 await self._wait(stop, wait_s)
         finally:
             await self.finish(self.grace_s)
+            self._tell(0, 0, Counter(), last=True)
             self._stopped.set()
 
     async def _dispatch_or_wait_for_queue(self) -> float | None:

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from .activity import Activity
 from .batching import durable_delay
 from .config import DestinationConfig
 from .debugger import DebugFeed
@@ -28,6 +30,7 @@ from .metrics import Metrics
 from .queue.protocol import Queue, Retry
 from .records import Failure, QueuedMessage
 from .senders import Sender
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 Items = list[tuple[QueuedMessage, Command]]
@@ -43,8 +46,14 @@ class ForwarderState:
     queue_error: str | None = None
     # time.monotonic() of the run loop's latest turn: the watchdog pings only while it moves.
     heartbeat: float = field(default_factory=time.monotonic)
+    # What was delivered, retried and dead-lettered since the last summary in the log.
+    activity: Activity = field(default_factory=Activity)
+    # Warnings a failing destination or bad messages could repeat for every batch: at most
+    # one per kind every 10 s.
+    warned: Throttle = field(default_factory=lambda: Throttle(WARN_EVERY_S))
 
 
+WARN_EVERY_S = 10.0
 _PAUSE_ADVICE = {
     "retry_after": "every lane waits {seconds:g}s, as the destination asked",
     "credentials": "check destination.api_key / api_secret / project_token, then reload "
@@ -308,7 +317,7 @@ class Outcomes:
             # Delivered but not written down: the rows are sent again, so nothing of these
             # users may be sent before them.
             held |= {row.user_key for row, _ in items}
-        log.info(
+        log.debug(
             "batch sent: %d acked, %d to retry, %d dead-lettered",
             len(acked),
             len(retry),
@@ -329,9 +338,14 @@ class Outcomes:
             for row, _ in items
         ]
         self.metrics.commands_retried.labels("transient").inc(len(retry))
-        log.warning(
-            "batch of %d to be retried: %s", len(items), exc, extra={"action": "batch_retry"}
-        )
+        if (held := self.state.warned.let_through("batch_retry")) is not None:
+            log.warning(
+                "batch of %d to be retried: %s%s",
+                len(items),
+                exc,
+                f" ({held} more such batches since the last of these lines)" if held else "",
+                extra={"action": "batch_retry"},
+            )
         await self._write(retry=retry, now=now)
         return {row.user_key for row, _ in items}
 
@@ -348,9 +362,6 @@ class Outcomes:
         if len(items) == 1:
             row, _ = items[0]
             failure = Failure("refused", str(exc), exc.status, exc.body)
-            log.warning(
-                "message %s dead-lettered: %s", row.message_id, exc, extra={"action": "dead_letter"}
-            )
             await self._write(dead=[(row, failure)], now=self.clock())
             return set()
         middle = len(items) // 2
@@ -363,6 +374,36 @@ class Outcomes:
         if waiting:
             await self._hold(waiting, self.clock(), "held behind an earlier message of its user")
         return held | await self._send(rest, splitting=True) if rest else held
+
+    def _tell_dead(self, dead: Sequence[tuple[QueuedMessage, Failure]]) -> None:
+        """Dead letters at WARNING with their reason, one line per reason every 10 s."""
+        by_reason: dict[str, list[tuple[QueuedMessage, Failure]]] = {}
+        for row, failure in dead:
+            by_reason.setdefault(failure.reason, []).append((row, failure))
+        for reason, rows in by_reason.items():
+            held = self.state.warned.let_through(f"dead:{reason}")
+            if held is None:
+                continue
+            row, failure = rows[0]
+            log.warning(
+                "%d messages dead-lettered (%s), %s: %s%s; see segment-relay dead-letters list",
+                len(rows),
+                reason,
+                f"message {row.message_id}" + (" and others" if len(rows) > 1 else ""),
+                failure.detail,
+                f" ({held} more such writes since the last of these lines)" if held else "",
+                extra={"action": "dead_lettered", "reason": reason, "count": len(rows)},
+            )
+
+    def _tell(
+        self, delivered: int, retried: int, dead: Counter[str], *, last: bool = False
+    ) -> None:
+        """Count outcomes; once a summary interval has passed (or at the `last`), log what
+        the interval saw."""
+        activity = self.state.activity
+        activity.add(delivered=delivered, retried=retried, dead_lettered=dead)
+        if (summary := activity.flush() if last else activity.due()) is not None:
+            log.info(str(summary), extra={"action": "forwarded", **summary.fields()})
 
     async def _write(
         self,
@@ -378,6 +419,9 @@ class Outcomes:
         messages whose lease passed to another relay, which sends them again)."""
         for _, failure in dead:
             self.metrics.commands_dead.labels(failure.reason).inc()
+        if dead:
+            self._tell_dead(dead)
+        self._tell(len(acked), len(retry), Counter(failure.reason for _, failure in dead))
         if self.feed is not None:
             self._show(acked, retry, dead)
         counters = {"delivered": len(acked), "retried": len(retry), "dead_lettered": len(dead)}

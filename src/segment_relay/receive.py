@@ -68,6 +68,29 @@ class ApiError(Exception):
 STOPPING_ERROR = ApiError(503, "shutting_down", "the relay is stopping; retry later", RETRY_AFTER_S)
 
 
+def add_fallback(app: web.Application) -> None:
+    """Answer any other path, or another method, with a JSON error (404 or 405 with Allow)
+    as the Segment endpoints answer theirs, instead of aiohttp's text. Added last, as a route
+    of its own: a request that matches a real route never reaches it and pays nothing."""
+    fallback: web.AbstractResource | None = None
+
+    async def not_routed(request: web.Request) -> web.StreamResponse:
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not fallback:
+                allowed |= (await resource.resolve(request))[1]
+        if not allowed:
+            return ApiError(404, "not_found", f"no endpoint at {request.path}").response()
+        methods = ", ".join(sorted(allowed))
+        answer = ApiError(
+            405, "method_not_allowed", f"{request.method} {request.path}: use {methods}"
+        ).response()
+        answer.headers["Allow"] = methods
+        return answer
+
+    fallback = app.router.add_route("*", "/{path:.*}", not_routed).resource
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 

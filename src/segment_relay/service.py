@@ -13,7 +13,6 @@ import functools
 import gc
 import logging
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import replace
@@ -38,7 +37,7 @@ from .appkeys import (
 )
 from .config import DEV_WRITE_KEY, Config, build
 from .debugger import DebugFeed
-from .errors import StoreError
+from .errors import ListenError, StoreError
 from .forward import Forwarder
 from .infinario import api_style
 from .limits import ProjectLimits
@@ -46,7 +45,7 @@ from .mapping import mapping_settings
 from .metrics import Metrics
 from .notify import Notifier
 from .queue import open_queue
-from .receive import Receiver
+from .receive import Receiver, add_fallback
 from .senders import DryRunSender, HttpSender, Sender
 from .session_timer import SessionTimer
 from .sessions import SessionRules
@@ -54,6 +53,8 @@ from .testing import FakeInfinario
 from .waiting import first_set
 
 log = logging.getLogger(__name__)
+# Where the relay listens: logged at every --log-level.
+announced = logging.getLogger(f"{__name__}.listening")
 
 MAINTENANCE_INTERVAL_S = 600.0
 GC_YOUNG_THRESHOLD = 10_000
@@ -100,6 +101,7 @@ def create_app(
     if config.debugger.enabled:
         app[DEBUG_FEED] = app[RECEIVER].feed = DebugFeed(config.debugger.history)
         debugger.add_routes(app, app[DEBUG_FEED], config.debugger.allow, app[STOPPING])
+    add_fallback(app)
     return app
 
 
@@ -263,6 +265,7 @@ async def serve(
     if config.server.admin_port is not None:
         admin_app = web.Application()
         ops.add_routes(admin_app, app)
+        add_fallback(admin_app)
         admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin.setup()
         sites.append(web.TCPSite(admin, config.server.admin_host, config.server.admin_port))
@@ -271,7 +274,10 @@ async def serve(
             await site.start()
     except OSError as exc:
         await _cleanup(runner, admin)
-        raise SystemExit(f"segment-relay: cannot listen: {exc.strerror}") from exc
+        raise ListenError(
+            f"cannot listen on {site.name} (server.host, server.port or server.admin_port): "
+            f"{exc.strerror}"
+        ) from exc
     # What start-up made lives as long as the daemon: frozen, it is left out of the garbage
     # collector's full collections, which otherwise walk all of it (bench/sessions.py: 20-30
     # ms pauses, with sessions on every 2 s, doubled the p99). Almost everything a request
@@ -281,11 +287,14 @@ async def serve(
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     host, port = runner.addresses[0][:2]
-    # Tests and people read this line to learn the port (server.port: 0 picks a free one).
-    print(f"segment-relay listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    # Tests and people read this line to learn the port (server.port: 0 picks a free one); it
+    # is logged whatever --log-level says (cli.logging_config).
+    url = f"http://{host}:{port}"
+    announced.info("segment-relay listening on %s", url, extra={"action": "listening", "url": url})
     if admin is not None:
         a_host, a_port = admin.addresses[0][:2]
-        print(f"segment-relay admin on http://{a_host}:{a_port}", file=sys.stderr, flush=True)
+        url = f"http://{a_host}:{a_port}"
+        announced.info("segment-relay admin on %s", url, extra={"action": "admin", "url": url})
     if announce is not None:
         announce(f"http://{host}:{port}")
     app[NOTIFIER].ready(ops.status_line(app))

@@ -29,6 +29,7 @@ from support import (
     queue_pending,
     relay_command,
     requires,
+    run_cli,
     running_fake,
     running_relay,
     start_daemon,
@@ -196,6 +197,10 @@ async def test_admin_endpoints_on_their_own_port(tmp_path: Path) -> None:
                     assert response.status == 200
                 async with session.get(daemon.url + "/metrics") as response:
                     assert response.status == 404
+                    assert (await response.json())["code"] == "not_found"
+                async with session.post(admin + "/ready") as response:
+                    assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD")
+                    assert (await response.json())["code"] == "method_not_allowed"
         finally:
             assert await daemon.stop() == 0
 
@@ -223,7 +228,7 @@ async def test_json_logs_carry_the_action_and_never_a_secret(tmp_path: Path) -> 
         async with asyncio.timeout(30):
             while not any("listening on" in line for line in lines):
                 lines.append((await process.stderr.readline()).decode())
-        url = lines[-1].rsplit(" ", 1)[-1].strip()
+        url = json.loads(lines[-1])["url"]
         assert (
             await post(
                 url,
@@ -237,12 +242,68 @@ async def test_json_logs_carry_the_action_and_never_a_secret(tmp_path: Path) -> 
             _, rest = await process.communicate()
     assert process.returncode == 0
     output = "".join(lines) + rest.decode()
-    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in output.splitlines()]  # every line
     actions = {r.get("action") for r in records}
-    assert {"store_open", "messages_rejected", "batch_sent", "stopping", "stopped"} <= actions
+    assert {"listening", "store_open", "messages_rejected", "forwarded", "stopped"} <= actions
+    [summary] = [r for r in records if r.get("action") == "forwarded"]
+    assert (summary["delivered"], summary["retried"], summary["dead_lettered"]) == (1, 0, {})
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert "s3cret-token" not in output
     assert WRITE_KEY not in output
+
+
+async def test_logs_tell_dead_letters_at_warning_and_batches_in_a_summary(
+    tmp_path: Path,
+) -> None:
+    fake = FakeInfinario()
+    fake.script.append(Reply(commands=["ok", "error"]))
+    async with running_fake(fake) as (_, api):
+        config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", api.url)
+        daemon = await start_daemon(config, "--log-level", "debug")
+        try:
+            batch = [
+                {"type": "track", "userId": user, "event": "e", "timestamp": T0}
+                for user in ("a", "b")
+            ]
+            assert (await post(daemon.url, "/v1/batch", {"batch": batch}))[0] == 200
+            await daemon.wait_stderr("dead-lettered (rejected)")
+        finally:
+            assert await daemon.stop() == 0
+    lines = daemon.stderr_lines
+    [dead] = [line for line in lines if "dead-lettered (rejected)" in line]
+    assert " WARNING segment_relay.outcomes: 1 messages dead-lettered (rejected)" in dead
+    assert "scripted error" in dead
+    # Each batch at DEBUG; at INFO, one summary an interval (and at the stop).
+    assert any(" DEBUG segment_relay.outcomes: batch sent: 1 acked" in line for line in lines)
+    [summary] = [line for line in lines if "forwarded in the last" in line]
+    assert " INFO " in summary
+    assert summary.endswith("1 delivered, 0 to retry, 1 dead-lettered (rejected: 1)")
+    # --log-level debug is the relay's own: not aiosqlite's statements.
+    assert not [line for line in lines if " aiosqlite" in line]
+
+
+async def test_a_port_in_use_is_named_and_with_json_logs_every_line_is_json(
+    tmp_path: Path,
+) -> None:
+    async with running_fake() as (_, api):
+        config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", api.url)
+        first = await start_daemon(config)
+        try:
+            taken = write_config(
+                tmp_path / "again.yaml",
+                tmp_path / "other.db",
+                api.url,
+                server={"port": int(first.url.rsplit(":", 1)[1])},
+            )
+            code, out, err = await run_cli("--log-format", "json", "serve", "--config", str(taken))
+            assert out == ""
+        finally:
+            assert await first.stop() == 0
+    records = [json.loads(line) for line in err.splitlines()]
+    assert code == 4
+    assert records[-1]["level"] == "error"
+    assert "cannot listen on http://127.0.0.1:" in records[-1]["message"]
+    assert "server.port" in records[-1]["message"]
 
 
 async def test_sighup_reloads_the_write_keys(tmp_path: Path) -> None:

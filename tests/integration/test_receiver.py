@@ -407,3 +407,22 @@ async def test_cors(queue_path: Path) -> None:
             assert response.status == 200
             assert response.headers["Access-Control-Allow-Origin"] == "http://app.test"
             assert response.headers["Access-Control-Expose-Headers"] == "Retry-After"
+
+
+async def test_unknown_paths_and_methods_get_json_errors(queue_path: Path) -> None:
+    config = make_config(queue_path, "http://127.0.0.1:9")
+    async with running_relay(config, forward=False) as relay, aiohttp.ClientSession() as session:
+        for method, path, status, allow in [
+            ("GET", "/v2/track", 404, None),
+            ("POST", "/", 404, None),
+            ("GET", "/v1/track", 405, "OPTIONS, POST"),
+            ("DELETE", "/v1/batch", 405, "OPTIONS, POST"),
+        ]:
+            async with session.request(method, relay.url + path, headers=AUTH) as response:
+                body = await response.json()
+                assert (response.status, response.headers.get("Allow")) == (status, allow)
+                assert body["success"] is False
+                assert path in body["message"]
+                assert body["code"] == ("not_found" if status == 404 else "method_not_allowed")
+        # A real route still answers as before.
+        assert (await post(relay.url, "/v1/track", {"userId": "u", "event": "e"}))[0] == 200
