@@ -116,6 +116,52 @@ async def test_the_debugger_shows_calls_commands_and_states_live(tmp_path: Path)
                 await browser.close()
 
 
+async def test_a_session_start_shows_under_the_call_that_opened_it(tmp_path: Path) -> None:
+    # A page then a screen of one user in one batch: the page opened the session.
+    batch = [
+        {
+            "type": "page",
+            "userId": "eve",
+            "name": "Home",
+            "messageId": "m-page-first",
+            "timestamp": "2024-03-01T12:00:00.000Z",
+        },
+        {
+            "type": "screen",
+            "userId": "eve",
+            "name": "Cart",
+            "messageId": "m-screen-next",
+            "timestamp": "2024-03-01T12:00:10.000Z",
+        },
+    ]
+    async with running_fake(FakeInfinario()) as (_, api):
+        config = make_config(tmp_path / "q.db", api.url, debugger={"enabled": True})
+        async with running_relay(config) as relay, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(relay.url + "/debugger")
+                await page.wait_for_selector("#status:has-text('live')", timeout=20_000)
+                answer = await asyncio.to_thread(
+                    requests.post,
+                    relay.url + "/v1/batch",
+                    json={"batch": batch},
+                    auth=(WRITE_KEY, ""),
+                    timeout=20,
+                )
+                assert answer.status_code == 200
+                await page.wait_for_selector(
+                    ".call[data-id='m-page-first'] .sessions:has-text('session_start sent')",
+                    timeout=20_000,
+                )
+                await page.wait_for_selector(
+                    ".call[data-id='m-screen-next'] .state.sent", timeout=20_000
+                )
+                assert await page.query_selector(".call[data-id='m-screen-next'] .sessions") is None
+            finally:
+                await browser.close()
+
+
 async def test_the_debugger_refuses_addresses_not_allowed(tmp_path: Path) -> None:
     config = make_config(
         tmp_path / "q.db",
