@@ -9,7 +9,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -97,29 +96,26 @@ async def test_a_second_daemon_on_the_same_queue_refuses_clearly(tmp_path: Path)
 
 
 @pytest.mark.skipif(
-    shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop root"
+    shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop root's override"
 )
-async def test_a_read_only_queue_is_refused_and_kept() -> None:
-    # Root writes through permissions: the daemon runs as nobody, as under systemd's
-    # DynamicUser, in a directory nobody can reach (pytest's tmp_path is private to root).
-    top = Path(tempfile.mkdtemp(prefix="relay-readonly-"))
+async def test_a_read_only_queue_is_refused_and_kept(tmp_path: Path) -> None:
+    # Permissions bind root only without CAP_DAC_OVERRIDE: the daemon runs without it (and
+    # stays uid 0, so it reaches the venv and the files wherever the repository is cloned,
+    # a directory only root can enter included), as a service user without write access.
+    config = await queue_with_two_calls(tmp_path)
+    data = tmp_path / "data"
+    for path in data.iterdir():
+        path.chmod(0o444)
+    data.chmod(0o555)
     try:
-        top.chmod(0o755)
-        config = await queue_with_two_calls(top)
-        data = top / "data"
-        config.chmod(0o644)
-        for path in data.iterdir():
-            path.chmod(0o444)
-        data.chmod(0o555)
         code, err = await serve_exits(
-            config, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"
+            config, "setpriv", "--bounding-set=-dac_override,-dac_read_search"
         )
-        data.chmod(0o755)
-        assert code == 3, err
-        assert "read-only" in err, err
-        assert await queue_pending(config) == 2
     finally:
-        shutil.rmtree(top)
+        data.chmod(0o755)
+    assert code == 3, err
+    assert "read-only" in err, err
+    assert await queue_pending(config) == 2
 
 
 async def test_a_missing_directory_is_created(tmp_path: Path) -> None:
