@@ -19,7 +19,7 @@ import orjson
 from . import __version__, dead_letters_cli, jsontext, status_cli
 from .config import Config, load_config, read_env_file, redact_url
 from .errors import ConfigError, ListenError, StoreError
-from .queue import inspect_queue, open_queue
+from .queue import backup_queue, inspect_queue, open_queue
 
 log = logging.getLogger(__name__)
 EXIT_CONFIG = 2
@@ -149,6 +149,15 @@ def _parser() -> argparse.ArgumentParser:
 
     dead_letters_cli.add_parser(commands)
 
+    backup = commands.add_parser(
+        "backup", help="copy the live SQLite queue to a file, while the relay runs"
+    )
+    backup.add_argument("-c", "--config", required=True)
+    backup.add_argument(
+        "dest", help="the copy to write (an existing file is replaced only with --force)"
+    )
+    backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
+
     retry_now = commands.add_parser(
         "retry-now", help="make every message waiting for a retry due now (after a fix)"
     )
@@ -176,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "status": status_cli.run,
         "retry-now": _retry_now,
+        "backup": _backup,
         "fake-infinario": _fake,
         "dead-letters": dead_letters_cli.run,
         "dev": _dev,
@@ -282,6 +292,21 @@ def _retry_now(args: argparse.Namespace) -> int:
     print(
         f"{moved} messages waiting for a retry are due now; a running relay sends them "
         "within a few seconds"
+    )
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    dest = Path(args.dest)
+    if dest.exists() and not args.force:
+        print(f"segment-relay: {dest} exists; add --force to replace it", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.monotonic()
+    pending = asyncio.run(backup_queue(config.queue, dest))
+    print(
+        f"backed up {config.queue.path} to {dest}: {dest.stat().st_size} bytes, "
+        f"{pending} messages queued, in {time.monotonic() - started:.1f}s"
     )
     return 0
 

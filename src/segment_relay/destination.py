@@ -39,6 +39,10 @@ from typing import Any
 MAX_SUSPECTS = 10_000
 
 
+# Why forwarding pauses: a 401/403, every command refused alike, or a Retry-After.
+PAUSE_REASONS = ("credentials", "configuration", "retry_after")
+
+
 class State(enum.StrEnum):
     UP = "up"
     DOWN = "down"

@@ -124,6 +124,19 @@ class Metrics:
             "Seconds until the next probe of a destination down or paused (0 when up)",
             registry=r,
         )
+        self.destination_paused = Gauge(
+            "segment_relay_destination_paused",
+            "1 for why forwarding is paused: credentials (401/403), configuration (every "
+            "command refused alike) or retry_after (the destination asked to wait)",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "segment_relay_dead_letters",
+            "Dead letters kept in the queue by reason (until replayed or purged)",
+            ["reason"],
+            registry=r,
+        )
         self.sessions_open = Gauge("segment_relay_sessions_open", "Open sessions", registry=r)
         self.sessions_started = Gauge(
             "segment_relay_sessions_started",

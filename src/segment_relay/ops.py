@@ -15,8 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
 from .config import Config
-from .destination import State
+from .destination import PAUSE_REASONS, State
 from .errors import ConfigError, StoreError
+from .records import DEAD_LETTER_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,13 @@ async def refresh_gauges(app: web.Application) -> None:
         0 if stats.oldest_received_at is None else now - stats.oldest_received_at
     )
     metrics.queue_in_backoff.set(stats.in_backoff)
+    for reason in {*DEAD_LETTER_REASONS, *stats.dead_letters}:
+        metrics.dead_letters.labels(reason).set(stats.dead_letters.get(reason, 0))
     if (destination := destination_report(app)) is not None:
         for state in State:
             metrics.destination_state.labels(str(state)).set(state == destination["state"])
+        for reason in PAUSE_REASONS:
+            metrics.destination_paused.labels(reason).set(reason == destination["reason"])
         metrics.destination_state_seconds.set(destination["for_s"])
         metrics.destination_next_probe_seconds.set(destination["next_probe_in_s"] or 0)
     open_sessions, _ = await store.session_stats()

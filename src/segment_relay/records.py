@@ -109,6 +109,16 @@ class QueuedMessage(NamedTuple):
 # Why a message was refused at ingest (segment.InvalidMessageError.reason): a dead letter for
 # one is replayed only once fixed (docs/api.md, "Refused messages").
 REFUSED_REASONS = ("invalid", "too_large")
+# Every reason a message is dead-lettered for (docs/metrics.md): those the destination or the
+# forwarder gave, then those refused at ingest.
+DEAD_LETTER_REASONS = (
+    "rejected",
+    "refused",
+    "expired",
+    "mapping_error",
+    "project_limit",
+    *REFUSED_REASONS,
+)
 
 
 class Refusal(NamedTuple):

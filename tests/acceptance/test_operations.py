@@ -170,11 +170,35 @@ async def test_metrics_count_what_was_sent_retried_and_dead_lettered(tmp_path: P
     assert got[("segment_relay_commands_retried_total", (("reason", "command_retry"),))] == 1
     assert got[("segment_relay_commands_dead_lettered_total", (("reason", "rejected"),))] == 1
     assert got[("segment_relay_queue_depth", ())] == 0
+    assert got[("segment_relay_dead_letters", (("reason", "rejected"),))] == 1
+    assert got[("segment_relay_dead_letters", (("reason", "expired"),))] == 0
+    assert got[("segment_relay_destination_paused", (("reason", "credentials"),))] == 0
     assert got[("segment_relay_session_commits", ())] == 0  # no page or screen calls
     assert got[("segment_relay_session_commits_read", ())] == 0
     assert got[("segment_relay_requests_total", (("endpoint", "batch"), ("status", "200")))] == 1
     assert WRITE_KEY not in text
     assert "TOKEN" not in text
+
+
+async def test_metrics_show_why_forwarding_is_paused(tmp_path: Path) -> None:
+    fake = FakeInfinario()
+    fake.script.append(Reply(status=401))
+    async with (
+        running_fake(fake) as (_, api),
+        running_relay(make_config(tmp_path / "q.db", api.url)) as relay,
+    ):
+        body = {"userId": "u", "event": "e", "timestamp": T0}
+        assert (await post(relay.url, "/v1/track", body))[0] == 200
+        await relay.app[FORWARDER].drain(until_empty=False)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(relay.url + "/metrics") as response,
+        ):
+            got = samples(await response.text())
+    assert got[("segment_relay_destination_paused", (("reason", "credentials"),))] == 1
+    assert got[("segment_relay_destination_paused", (("reason", "configuration"),))] == 0
+    assert got[("segment_relay_destination_state", (("state", "paused"),))] == 1
+    assert got[("segment_relay_queue_depth", ())] == 1
 
 
 async def test_admin_endpoints_on_their_own_port(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import asyncio
 from pathlib import Path
 
 from ..config import QueueConfig
+from ..errors import StoreError
 from ..sessions import SessionRules
 from .protocol import Queue
 from .sqlite import SqliteQueue
+from .sqlite.database import backup as backup_sqlite
 from .sqlite.database import inspect as inspect_sqlite
 
-__all__ = ["Queue", "inspect_queue", "open_queue"]
+__all__ = ["Queue", "backup_queue", "inspect_queue", "open_queue"]
 
 
 async def open_queue(
@@ -63,3 +65,14 @@ async def inspect_queue(config: QueueConfig) -> str:
 
         return await inspect(config)
     return await asyncio.to_thread(inspect_sqlite, Path(config.path))
+
+
+async def backup_queue(config: QueueConfig, dest: Path) -> int:
+    """Copy the live SQLite queue to `dest` (docs/operations.md, "Backing up"); return the
+    messages queued in the copy. A PostgreSQL queue is backed up with its database."""
+    if config.url:
+        raise StoreError(
+            "queue.url: a PostgreSQL queue is backed up with its database (pg_dump, or the "
+            "database's own backups), not by this command"
+        )
+    return await asyncio.to_thread(backup_sqlite, Path(config.path), dest)

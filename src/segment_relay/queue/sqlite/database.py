@@ -127,3 +127,32 @@ def inspect(db_path: Path) -> str:
             "start with an empty queue, or restore it from a backup"
         ) from exc
     return f"SQLite {db_path} (schema version {version}, {pending} messages queued)"
+
+
+def backup(db_path: Path, dest: Path) -> int:
+    """Copy the live queue at `db_path` to `dest` with SQLite's online backup API, as one
+    consistent snapshot: the relay keeps taking calls meanwhile (a reader does not hold up
+    WAL writers). Written beside `dest` and renamed into place once checked, so `dest` is
+    whole or absent. Returns the messages queued in the copy."""
+    if not db_path.is_file():
+        raise StoreError(f"no queue at {db_path}")
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        with (
+            contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as src,
+            contextlib.closing(sqlite3.connect(partial)) as copy,
+        ):
+            src.execute("PRAGMA busy_timeout=5000")
+            src.backup(copy)
+            [(check,)] = copy.execute("PRAGMA quick_check").fetchall()
+            if check != "ok":
+                raise StoreError(f"the copy of {db_path} failed its check: {check}")
+            [(pending,)] = copy.execute(Q["count_messages"]).fetchall()
+        partial.replace(dest)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot back up {db_path} to {dest}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot write {dest}: {exc.strerror}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return int(pending)
