@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,28 @@ async def test_a_dry_run_keeps_its_state_apart_from_the_real_queue(tmp_path: Pat
         0,
         before["counters"],
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the commands as root, as operators do")
+async def test_commands_run_as_root_leave_the_queue_to_the_services_user(tmp_path: Path) -> None:
+    # SQLite gives the -wal and -shm files it makes as root the database file's owner: an
+    # operator's `status` or `backup` with sudo never locks the service out of its queue.
+    config = waiting_config(tmp_path / "relay.yaml", tmp_path / "data" / "q.db")
+    await queue_two_calls(config)
+    data = tmp_path / "data"
+    # The last connection to close takes the -wal and -shm files with it, as when the
+    # service stopped and nothing had the queue open since.
+    sqlite3.connect(data / "q.db").close()
+    assert sorted(p.name for p in data.iterdir()) == ["q.db", "q.db.lock"]
+    service_user = 65534  # as systemd's DynamicUser owns /var/lib/segment-relay
+    for path in [data, *data.iterdir()]:
+        os.chown(path, service_user, service_user)
+    for command in (
+        ["status"],
+        ["dead-letters", "list"],
+        ["backup", str(tmp_path / "copy.db")],
+    ):
+        code, _, err = await run_cli(*command, "--config", str(config))
+        assert code == 0, err
+        owners = {path.name: (path.stat().st_uid, path.stat().st_gid) for path in data.iterdir()}
+        assert set(owners.values()) == {(service_user, service_user)}, (command, owners)
