@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import logging.config
+import os
 import sys
 import tempfile
 import time
@@ -225,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     config.check_serving(dry_run=args.dry_run)
+    _warn_outside_state_directory(config, os.environ.get("STATE_DIRECTORY"))
     with contextlib.ExitStack() as stack:
         # A dry run has its own throwaway queue: it neither takes the real queue's messages
         # nor leaves its sessions and counters there.
@@ -242,6 +244,23 @@ def _serve(args: argparse.Namespace) -> int:
             _warn_dry_run(config, load())
         runner = stack.enter_context(_daemon_runner())
         return runner.run(serve(load(), dry_run=args.dry_run, reload_config=load))
+
+
+def _warn_outside_state_directory(config: Config, state_directory: str | None) -> None:
+    """Under systemd with StateDirectory= (the shipped unit), a SQLite queue belongs there: the
+    unit's ProtectSystem=strict leaves every other directory read-only."""
+    if state_directory is None or config.queue.url:
+        return
+    homes = [Path(d) for d in state_directory.split(":")]
+    if not any(Path(config.queue.path).is_relative_to(home) for home in homes):
+        log.warning(
+            "queue.path %s is outside the unit's StateDirectory (%s): the service can write "
+            "only there; set queue.path: %s",
+            config.queue.path,
+            state_directory,
+            homes[0] / "queue.db",
+            extra={"action": "queue_outside_state_directory"},
+        )
 
 
 def _warn_dry_run(config: Config, running: Config) -> None:

@@ -216,3 +216,23 @@ async def test_commands_run_as_root_leave_the_queue_to_the_services_user(tmp_pat
         assert code == 0, err
         owners = {path.name: (path.stat().st_uid, path.stat().st_gid) for path in data.iterdir()}
         assert set(owners.values()) == {(service_user, service_user)}, (command, owners)
+
+
+async def test_serve_under_systemd_warns_of_a_queue_outside_its_state_directory(
+    tmp_path: Path,
+) -> None:
+    # The queue is not a database, so serve stops after its checks: what it said is all.
+    garbage = tmp_path / "q.db"
+    garbage.write_bytes(b"not a database" * 100)
+    config = write_config(tmp_path / "relay.yaml", garbage, "http://127.0.0.1:9")
+    state = "/var/lib/segment-relay"
+    warning = (
+        f"queue.path {garbage} is outside the unit's StateDirectory ({state}): the service can "
+        f"write only there; set queue.path: {state}/queue.db"
+    )
+    code, _, err = await run_cli("serve", "--config", str(config), env={"STATE_DIRECTORY": state})
+    assert (code, warning in err) == (3, True), err
+    code, _, err = await run_cli(
+        "serve", "--config", str(config), env={"STATE_DIRECTORY": str(tmp_path)}
+    )
+    assert (code, "StateDirectory" in err) == (3, False), err
