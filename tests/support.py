@@ -181,7 +181,7 @@ async def _pump(
         if changed is not None:
             async with changed:
                 changed.notify_all()
-        if found is not None and not found.done() and "listening on http://" in text:
+        if found is not None and not found.done() and "listening on http" in text:
             found.set_result(text.rsplit(" ", 1)[-1])
 
 

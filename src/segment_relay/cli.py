@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__, dead_letters_cli, jsontext, status_cli
+from . import __version__, dead_letters_cli, jsontext, status_cli, tls
 from .config import Config, load_config, read_env_file, redact_url
 from .errors import ConfigError, ListenError, StoreError
 from .queue import backup_queue, inspect_queue, open_queue
@@ -214,7 +214,8 @@ def _summary(config: Config, queue: str) -> str:
     d = config.destination
     return (
         f"config OK: {len(config.sources)} source(s), "
-        f"listening on {config.server.host}:{config.server.port}, "
+        f"listening on {config.server.host}:{config.server.port}"
+        f"{' (HTTPS)' if config.server.tls_cert else ''}, "
         f"queue {queue}, "
         f"destination {d.api} {d.base_url}, "
         f"sessions {'on' if config.sessions.enabled else 'off'}"
@@ -334,6 +335,7 @@ def _check_config(args: argparse.Namespace) -> int:
     environ = None if args.env_file is None else read_env_file(args.env_file)
     config = load_config(args.config, environ)
     config.check_serving(dry_run=args.dry_run)
+    tls.certificate(config.server)
     queue = asyncio.run(inspect_queue(config.queue))
     print(_summary(config, queue))
     return 0

@@ -214,6 +214,16 @@ def _join(path: str, key: str) -> str:
 # --- the sections -------------------------------------------------------------------------------
 
 
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    items: tuple[str, ...] = _str_list()(value, key)
+    for i, item in enumerate(items):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]: not an address or network: {item!r}") from None
+    return items
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Where the Segment-compatible receiver listens and what it accepts."""
@@ -227,6 +237,19 @@ class ServerConfig:
     # /health, /ready and /metrics on their own address (None: on the Segment API's).
     admin_host: str = _opt(_str(nonempty=True), "127.0.0.1")
     admin_port: int | None = _opt(_optional(_int(0, 65535)), None)
+    # HTTPS on the Segment API's port: a PEM certificate (with its chain) and its key, both
+    # or neither; SIGHUP reads them again (docs/deployment.md).
+    tls_cert: str = _opt(_str(), "")
+    tls_key: str = _opt(_str(), "")
+    # Proxies whose forwarding header names the client (empty: every such header ignored).
+    trusted_proxies: tuple[str, ...] = _opt(_networks, ())
+    client_ip_header: str = _opt(_choice("x-forwarded-for", "forwarded"), "x-forwarded-for")
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(
+                "server.tls_cert and server.tls_key: set both (HTTPS) or neither (HTTP)"
+            )
 
 
 @dataclass(frozen=True)
@@ -304,16 +327,6 @@ class SessionsConfig:
     idle_timeout_s: float = _opt(_duration(1, 7 * 86400), 1800.0, "idle_timeout")
     event_types: tuple[str, ...] = _opt(_str_list(nonempty=True), ("page", "screen"))
     cache_size: int = _opt(_int(0, 10_000_000), 10_000)
-
-
-def _networks(value: Any, key: str) -> tuple[str, ...]:
-    items: tuple[str, ...] = _str_list()(value, key)
-    for i, item in enumerate(items):
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ConfigError(f"{key}[{i}]: not an address or network: {item!r}") from None
-    return items
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from . import jsontext
+from .edge import Proxies
 from .records import Refusal
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,18 @@ def allowed(remote: str | None, networks: Iterable[str]) -> bool:
 
 
 def add_routes(
-    app: web.Application, feed: DebugFeed, allow: tuple[str, ...], stopping: asyncio.Event
+    app: web.Application,
+    feed: DebugFeed,
+    allow: tuple[str, ...],
+    stopping: asyncio.Event,
+    proxies: Proxies,
 ) -> None:
-    """GET /debugger (the page) and GET /debugger/events (the stream, ended on stopping)."""
+    """GET /debugger (the page) and GET /debugger/events (the stream, ended on stopping);
+    `allow` is checked against the client's address as `proxies` find it."""
     page = resources.files(__package__).joinpath("static/debugger.html").read_bytes()
 
     def refuse(request: web.Request) -> web.Response | None:
-        if allowed(request.remote, allow):
+        if allowed(proxies.client(request.remote, request.headers), allow):
             return None
         message = "the debugger is open only to the addresses in debugger.allow"
         return web.json_response(

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .appkeys import CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
+from .appkeys import CERTIFICATE, CONFIG, FORWARDER, METRICS, NOTIFIER, RECEIVER, STOPPING, STORE
 from .config import Config
 from .destination import PAUSE_REASONS, State
 from .errors import ConfigError, StoreError
@@ -171,6 +171,8 @@ def reload(app: web.Application, load: Callable[[], Config]) -> list[str]:
             extra={"action": "reload_partial"},
         )
     new = replace(new, **{name: getattr(old, name) for name in FIXED})
+    if CERTIFICATE in app:
+        app[CERTIFICATE].reload()  # the same files, rotated (certbot); new paths need a restart
     app[CONFIG] = new
     app[RECEIVER].reload(new)
     if FORWARDER in app:

@@ -23,6 +23,7 @@ from aiohttp import web
 from . import jsontext
 from .config import Config, SourceConfig
 from .debugger import DebugFeed
+from .edge import Proxies
 from .errors import StoreError, StoreFullError
 from .metrics import Metrics
 from .queue.protocol import Queue
@@ -127,6 +128,8 @@ class Receiver:
 
     def __post_init__(self) -> None:
         self._sources = self.config.sources
+        server = self.config.server
+        self.proxies = Proxies(server.trusted_proxies, server.client_ip_header)
         # Labelled counters bound once: labels() takes a lock and hashes on every call.
         received = self.metrics.messages_received
         self._received = {k: received.labels(k) for k in {*PATH_TYPES.values(), "batch"}}
@@ -313,7 +316,8 @@ class Receiver:
                 401, "missing_write_key", "no write key: use HTTP Basic auth or writeKey"
             )
         try:
-            return Intake([self._accept(body, kind, BatchEnvelope(), source)], [], None)
+            envelope = BatchEnvelope(client_ip=self.proxies.client(request.remote, request.headers))
+            return Intake([self._accept(body, kind, envelope, source)], [], None)
         except InvalidMessageError as exc:
             refusal = self._refusal(body, kind, source, exc)
             if exc.reason == "too_large":
@@ -345,7 +349,7 @@ class Receiver:
                 f"at most {server.max_batch_messages} are accepted",
             )
         request_source = self._request_source(request, body)
-        envelope = _envelope(body)
+        envelope = _envelope(body, self.proxies.client(request.remote, request.headers))
         accepted: list[NewMessage] = []
         refused: list[Refusal] = []
         problems: list[str] = []
@@ -480,11 +484,12 @@ async def _read_chunk(request: web.Request) -> bytes:
         ) from exc
 
 
-def _envelope(body: dict[str, Any]) -> BatchEnvelope:
+def _envelope(body: dict[str, Any], client_ip: str | None) -> BatchEnvelope:
     context = body.get("context")
     integrations = body.get("integrations")
     return BatchEnvelope(
         sent_at=parse_time(body.get("sentAt")),
         context=context if isinstance(context, dict) else None,
         integrations=integrations if isinstance(integrations, dict) else None,
+        client_ip=client_ip,
     )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import jsontext
+from .edge import fills_ip
 
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 # Path segment -> message type, long and browser short forms.
@@ -179,6 +180,8 @@ class BatchEnvelope:
     sent_at: float | None = None
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
+    # The client's address, for the calls that get it as context.ip (edge.fills_ip).
+    client_ip: str | None = None
 
 
 def corrected_timestamp(
@@ -211,6 +214,8 @@ def enrich(message: dict[str, Any], received_at: float, envelope: BatchEnvelope)
         out["messageId"] = new_message_id(received_at)
     if envelope.context:
         out["context"] = {**envelope.context, **(out.get("context") or {})}
+    if envelope.client_ip is not None and fills_ip(out.get("context")):
+        out["context"] = {**out["context"], "ip": envelope.client_ip}
     if envelope.integrations:
         out["integrations"] = {**envelope.integrations, **(out.get("integrations") or {})}
     if "timestamp" in out and "originalTimestamp" not in out:

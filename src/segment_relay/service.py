@@ -22,8 +22,9 @@ from typing import Any, TextIO
 import aiohttp
 from aiohttp import web
 
-from . import debugger, jsontext, ops
+from . import debugger, jsontext, ops, tls
 from .appkeys import (
+    CERTIFICATE,
     CONFIG,
     DEBUG_FEED,
     FATAL,
@@ -100,7 +101,9 @@ def create_app(
         ops.add_routes(app, app)
     if config.debugger.enabled:
         app[DEBUG_FEED] = app[RECEIVER].feed = DebugFeed(config.debugger.history)
-        debugger.add_routes(app, app[DEBUG_FEED], config.debugger.allow, app[STOPPING])
+        debugger.add_routes(
+            app, app[DEBUG_FEED], config.debugger.allow, app[STOPPING], app[RECEIVER].proxies
+        )
     add_fallback(app)
     return app
 
@@ -256,11 +259,21 @@ async def serve(
     the listeners and the queue close. A second signal skips the grace period. SIGHUP
     applies what `reload_config` returns (the config file read again), when given.
     """
+    certificate = tls.certificate(config.server)  # a bad pair stops here, before anything
     app = create_app(config, dry_run=dry_run)
+    if certificate is not None:
+        app[CERTIFICATE] = certificate
     stop = _handle_signals(app, reload_config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    sites = [web.TCPSite(runner, config.server.host, config.server.port)]
+    sites = [
+        web.TCPSite(
+            runner,
+            config.server.host,
+            config.server.port,
+            ssl_context=certificate.context if certificate is not None else None,
+        )
+    ]
     admin: web.AppRunner | None = None
     if config.server.admin_port is not None:
         admin_app = web.Application()
@@ -289,14 +302,14 @@ async def serve(
     host, port = runner.addresses[0][:2]
     # Tests and people read this line to learn the port (server.port: 0 picks a free one); it
     # is logged whatever --log-level says (cli.logging_config).
-    url = f"http://{host}:{port}"
+    url = f"{'https' if certificate is not None else 'http'}://{host}:{port}"
     announced.info("segment-relay listening on %s", url, extra={"action": "listening", "url": url})
     if admin is not None:
         a_host, a_port = admin.addresses[0][:2]
-        url = f"http://{a_host}:{a_port}"
-        announced.info("segment-relay admin on %s", url, extra={"action": "admin", "url": url})
+        a_url = f"http://{a_host}:{a_port}"
+        announced.info("segment-relay admin on %s", a_url, extra={"action": "admin", "url": a_url})
     if announce is not None:
-        announce(f"http://{host}:{port}")
+        announce(url)
     app[NOTIFIER].ready(ops.status_line(app))
     pinging = asyncio.Event()
     watchdog = None

@@ -426,3 +426,68 @@ async def test_unknown_paths_and_methods_get_json_errors(queue_path: Path) -> No
                 assert body["code"] == ("not_found" if status == 404 else "method_not_allowed")
         # A real route still answers as before.
         assert (await post(relay.url, "/v1/track", {"userId": "u", "event": "e"}))[0] == 200
+
+
+async def test_context_ip_comes_from_the_client_behind_trusted_proxies(queue_path: Path) -> None:
+    config = make_config(
+        queue_path, "http://127.0.0.1:9", server={"trusted_proxies": ["127.0.0.0/8"]}
+    )
+    browser = {"library": {"name": "analytics.js", "version": "next-1.70.0"}}
+    server_side = {"library": {"name": "analytics-python", "version": "2.3.0"}}
+    calls = [
+        ("browser", browser),
+        ("server", server_side),
+        ("direct", {**server_side, "direct": True}),
+        ("own-ip", {**browser, "ip": "192.0.2.44"}),
+    ]
+    batch = [
+        {"type": "track", "userId": "u", "event": name, "messageId": name, "context": context}
+        for name, context in calls
+    ]
+    # The peer (127.0.0.1) is a trusted proxy; the client wrote an address of its own first.
+    forwarded = {**AUTH, "X-Forwarded-For": "1.2.3.4, 203.0.113.9"}
+    async with running_relay(config, forward=False) as relay:
+        status, _ = await post(relay.url, "/v1/batch", {"batch": batch}, forwarded)
+        assert status == 200
+        single = {"userId": "u", "event": "single", "messageId": "single", "context": browser}
+        assert (await post(relay.url, "/v1/track", single, forwarded))[0] == 200
+        stored = {m["messageId"]: m["context"].get("ip") for m in await queued(relay.app[STORE])}
+    assert stored == {
+        "browser": "203.0.113.9",
+        "server": None,
+        "direct": "203.0.113.9",
+        "own-ip": "192.0.2.44",
+        "single": "203.0.113.9",
+    }
+
+
+async def test_without_trusted_proxies_a_forwarded_address_is_ignored(queue_path: Path) -> None:
+    config = make_config(queue_path, "http://127.0.0.1:9")
+    call = {
+        "userId": "u",
+        "event": "e",
+        "context": {"library": {"name": "analytics-ios", "version": "4.1"}},
+    }
+    spoofed = {**AUTH, "X-Forwarded-For": "203.0.113.9"}
+    async with running_relay(config, forward=False) as relay:
+        assert (await post(relay.url, "/v1/track", call, spoofed))[0] == 200
+        [message] = await queued(relay.app[STORE])
+    assert message["context"]["ip"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("trusted", "opens"), [(["127.0.0.0/8"], True), ([], False)])
+async def test_the_debugger_allows_the_client_behind_trusted_proxies(
+    queue_path: Path, trusted: list[str], opens: bool
+) -> None:
+    config = make_config(
+        queue_path,
+        "http://127.0.0.1:9",
+        server={"trusted_proxies": trusted},
+        debugger={"enabled": True, "allow": ["203.0.113.0/24"]},
+    )
+    async with running_relay(config, forward=False) as relay, aiohttp.ClientSession() as session:
+        through_proxy = {"X-Forwarded-For": "203.0.113.9"}
+        async with session.get(relay.url + "/debugger", headers=through_proxy) as response:
+            assert response.status == (200 if opens else 403)
+        async with session.get(relay.url + "/debugger") as response:
+            assert response.status == 403  # the proxy itself is not in debugger.allow

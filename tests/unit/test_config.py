@@ -97,6 +97,18 @@ def test_environment_variables_fill_secrets() -> None:
             "sources: [{name: a, write_key: k}, {name: b, write_key: k}]",
             r"^sources\[1\]\.write_key: the same write key",
         ),
+        (
+            MINIMAL + "server: {tls_cert: /etc/relay.pem}",
+            r"^server\.tls_cert and server\.tls_key: set both \(HTTPS\) or neither \(HTTP\)$",
+        ),
+        (
+            MINIMAL + "server: {trusted_proxies: [10.0.0.0/8, nginx]}",
+            r"^server\.trusted_proxies\[1\]: not an address or network: 'nginx'$",
+        ),
+        (
+            MINIMAL + "server: {client_ip_header: x-real-ip}",
+            r"^server\.client_ip_header: must be one of x-forwarded-for, forwarded",
+        ),
         ("server: {port: 1}", r"^sources: required"),
         ("a: [", r"not valid YAML"),
     ],
