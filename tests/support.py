@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -96,13 +97,16 @@ class Server:
     runner: web.AppRunner
 
 
-async def start_server(app: web.Application, port: int = 0) -> Server:
+async def start_server(
+    app: web.Application, port: int = 0, ssl_context: ssl.SSLContext | None = None
+) -> Server:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
     await site.start()
     bound = int(runner.addresses[0][1])
-    return Server(f"http://127.0.0.1:{bound}", bound, app, runner)
+    scheme = "https" if ssl_context is not None else "http"
+    return Server(f"{scheme}://127.0.0.1:{bound}", bound, app, runner)
 
 
 @contextlib.asynccontextmanager
