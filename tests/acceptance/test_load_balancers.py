@@ -114,7 +114,10 @@ async def test_the_readme_configs_keep_taking_calls_when_a_relay_dies(
     async with (
         postgres_database() as database,
         running_fake(FakeInfinario()) as (fake, api),
-        aiohttp.ClientSession() as session,
+        # The client connects from 127.0.0.2; the load balancer runs on 127.0.0.1.
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        ) as session,
     ):
         daemons = []
         for n, port in enumerate(ports):
@@ -122,7 +125,7 @@ async def test_the_readme_configs_keep_taking_calls_when_a_relay_dies(
                 tmp_path / f"relay{n}.yaml",
                 tmp_path / "unused.db",
                 api.url,
-                server={"host": "127.0.0.1", "port": port},
+                server={"host": "127.0.0.1", "port": port, "trusted_proxies": ["127.0.0.1/32"]},
                 queue={"url": database, "lease": "3s"},
                 destination={"timeout": "2s"},
             )
@@ -134,7 +137,7 @@ async def test_the_readme_configs_keep_taking_calls_when_a_relay_dies(
                 async def send(n: int) -> None:
                     body = orjson.dumps(
                         {"userId": f"u{n % 7}", "event": "E", "messageId": f"lb-{n}",
-                         "properties": {"n": n}}
+                         "properties": {"n": n}, "context": {"direct": True}}
                     )  # fmt: skip
                     for _ in range(100):  # bounded: a client retries what was refused
                         with contextlib.suppress(aiohttp.ClientError):
@@ -160,3 +163,5 @@ async def test_the_readme_configs_keep_taking_calls_when_a_relay_dies(
                 if daemon.process.returncode is None:
                     await daemon.stop()
     assert sorted(acked) == list(range(200))
+    # The relays saw the client's address through the balancer's X-Forwarded-For.
+    assert {c["data"]["properties"]["ip"] for c in fake.accepted} == {"127.0.0.2"}
