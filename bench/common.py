@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 
 @dataclass
 class Proc:
-    """A process that printed 'listening on http://HOST:PORT' on stderr."""
+    """A process that printed 'listening on http(s)://HOST:PORT' on stderr."""
 
     popen: subprocess.Popen[bytes]
     url: str
@@ -52,7 +52,7 @@ def process(*cmd: str, timeout_s: float = 30.0) -> Iterator[Proc]:
         line = popen.stderr.readline().decode()
         if not line:
             break
-        if "listening on http://" in line:
+        if "listening on http" in line:
             url = line.split("listening on ")[1].split()[0]
             break
     if not url:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import orjson
+import trustme
 
 from common import WrkResult, fake_api, process, python_bin, relay, relay_config, wrk
 
@@ -81,7 +82,16 @@ def main() -> None:
         default=None,
         help="destination.max_requests_per_second (default: the relay's, 80)",
     )
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="instead: the relay serving HTTPS (server.tls_cert) against the relay on plain "
+        "HTTP, alternated in each round",
+    )
     args = parser.parse_args()
+    if args.https:
+        https_against_http(args)
+        return
     print(
         f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
         f"forwarding at {args.rate or 'the default'} requests/s; {args.rounds} round(s)"
@@ -117,6 +127,44 @@ def main() -> None:
             f"{name}: relay / baseline = {statistics.median(ratios):.2f}x (median; rounds {rounds}), "
             f"relay p99 {statistics.median(p99s):.1f} ms (median)"
         )
+
+
+def https_against_http(args: argparse.Namespace) -> None:
+    """What TLS costs: the same relay on HTTP and on HTTPS (a certificate from a throwaway CA;
+    wrk keeps its 64 connections open, as clients do, so this is mostly the cost of
+    encrypting, with 64 handshakes per run)."""
+    print(
+        f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, "
+        f"{args.seconds}s each; {args.rounds} round(s) of HTTP then HTTPS"
+    )
+    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
+    for name, body, path, events in [
+        ("single calls", SINGLE, "/v1/track", 1),
+        ("100-message batches", BATCH, "/v1/batch", 100),
+    ]:
+        ratios: list[float] = []
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            leaf = trustme.CA().issue_cert("127.0.0.1")
+            cert, key = tmp / "cert.pem", tmp / "key.pem"
+            leaf.cert_chain_pems[0].write_to_path(str(cert))
+            leaf.private_key_pem.write_to_path(str(key))
+            tls = {"tls_cert": str(cert), "tls_key": str(key)}
+            for n in range(args.rounds):
+                results = {}
+                for scheme, server in (("http", {}), ("https", tls)):
+                    run = tmp / f"{scheme}{n}"
+                    run.mkdir()  # a fresh queue each run
+                    with (
+                        fake_api() as api,
+                        relay(relay_config(run, api.url, rate=args.rate, server=server)) as daemon,
+                    ):
+                        assert daemon.url.startswith(scheme + "://"), daemon.url
+                        results[scheme] = wrk(daemon.url + path, body, seconds=args.seconds)
+                    print(row(f"{name}: relay over {scheme.upper()}", results[scheme], events))
+                ratios.append(results["https"].ok_per_s(events) / results["http"].ok_per_s(events))
+        rounds = ", ".join(f"{r:.2f}x" for r in ratios)
+        print(f"{name}: HTTPS / HTTP = {statistics.median(ratios):.2f}x (median; rounds {rounds})")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,10 @@ class Proxies:
         """The client's address: the peer's, unless the peer is a trusted proxy; then the
         right-most address of the forwarding header that is not a trusted proxy. A header
         from an untrusted peer is ignored (anyone can write one)."""
+        if not self.networks:
+            return peer  # no proxies trusted (the default): nothing to parse on each request
         found = _address(peer) if peer else None
-        if found is None or not self.networks or not self.trusted(found):
+        if found is None or not self.trusted(found):
             return str(found) if found is not None else peer
         if self.header == "forwarded":
             hops = _forwarded_for(headers.getall("Forwarded", ()))
