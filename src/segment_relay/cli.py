@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__, dead_letters_cli, jsontext, status_cli, tls
+from . import __version__, dead_letters_cli, import_cli, jsontext, status_cli, tls
 from .config import Config, load_config, read_env_file, redact_url
 from .errors import ConfigError, ListenError, StoreError
 from .queue import backup_queue, inspect_queue, open_queue
@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     dead_letters_cli.add_parser(commands)
+    import_cli.add_parser(commands)
 
     backup = commands.add_parser(
         "backup", help="copy the live SQLite queue to a file, while the relay runs"
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": _backup,
         "fake-infinario": _fake,
         "dead-letters": dead_letters_cli.run,
+        "import": import_cli.run,
         "dev": _dev,
     }[args.command]
     try:

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import aiohttp
 from aiohttp import web
 
-from . import debugger, jsontext, ops, tls
+from . import backfill, debugger, jsontext, ops, tls
 from .appkeys import (
     CERTIFICATE,
     CONFIG,
@@ -171,7 +171,10 @@ async def _forwarder_ctx(
             forwarder.max_wait_s = watchdog_s / 4
         app[FORWARDER] = forwarder
         # Stopping begins with STOPPING: the forwarder stops claiming and drains first.
-        async with _background(app, "forwarder", forwarder.run, app[STOPPING]):
+        async with (
+            _background(app, "forwarder", forwarder.run, app[STOPPING]),
+            _background(app, "imports", functools.partial(backfill.feed, app[STORE])),
+        ):
             yield
 
 

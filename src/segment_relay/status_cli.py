@@ -26,12 +26,14 @@ def run(args: argparse.Namespace) -> int:
             open_sessions, next_expiry = await store.session_stats()
             instances = await store.instances()
             destinations = await store.destinations()
+            imports = await store.imports_waiting()
         finally:
             await store.close()
         return {
             "queue": store.where,
             "pending": stats.pending,
             "in_backoff": stats.in_backoff,
+            "imports_waiting": imports,
             "oldest_pending_age_s": None
             if stats.oldest_received_at is None
             else round(now - stats.oldest_received_at, 3),
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"queue {report['queue']}")
         print(f"  pending messages:   {report['pending']}")
         print(f"  waiting to retry:   {report['in_backoff']}")
+        print(
+            f"  imported, waiting:  {report['imports_waiting']} (queued while live calls are not)"
+        )
         print(f"  oldest pending age: {'-' if age is None else f'{age:.1f}s'}")
         counters = report["counters"]
         print(

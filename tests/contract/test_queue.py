@@ -7,6 +7,7 @@ new PostgreSQL database), as often as the test asks (a reopen is a restart).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 import pytest
@@ -351,5 +352,34 @@ async def test_retry_now_makes_what_waits_due_and_the_state_is_recorded(backend:
         assert [r.message_id for r in await store.due(2000.0, (), 10)] == ["m1", "m2"]
         await store.note_destination('{"state": "down"}')
         assert [text for _, text in await store.destinations()] == ['{"state": "down"}']
+    finally:
+        await store.close()
+
+
+async def test_imports_wait_apart_once_for_good_and_are_fed_in_order(backend: Backend) -> None:
+    now = time.time()
+    store = await backend.open()
+    try:
+        assert await store.enqueue([msg(1, at=now)]) == 1  # accepted live just now
+        # m1 was accepted live; m2 comes twice: three are kept apart, in their order.
+        rows = [msg(n, f"u{n % 2}", at=now) for n in (1, 2, 3, 2, 4)]
+        assert await store.stage_imports(rows) == 3
+        assert (await store.imports_waiting(), store.pending_count) == (3, 1)
+        assert await store.stage_imports([msg(n, at=now) for n in (2, 3, 5)]) == 1
+        assert await store.feed_imports(2) == 2
+        assert (await store.imports_waiting(), store.pending_count) == (2, 3)
+        due = await store.due(now + 1, (), 10)
+        assert [r.message_id for r in due] == ["m1", "m2", "m3"]
+        assert await store.feed_imports(10) == 2
+        assert await store.feed_imports(10) == 0
+        assert store.pending_count == 5
+    finally:
+        await store.close()
+    # For good: after a restart, and after delivery, an imported messageId stays known.
+    store = await backend.open()
+    try:
+        delivered = await store.due(now + 1, (), 10)
+        await store.settle(acked=delivered, now=now + 1)
+        assert await store.stage_imports([msg(n, at=now + 2) for n in (2, 4, 6)]) == 1
     finally:
         await store.close()

@@ -27,14 +27,18 @@ async def open_queue(
     session_cache: int = 10_000,
     daemon: bool = True,
     forwarding: bool = True,
+    create: bool | None = None,
 ) -> Queue:
     """Open the queue `config` names.
 
     `daemon`: this process is the relay (SQLite: it takes the file's lock; PostgreSQL: it
     joins the relays sharing the database). A command that only reads or administers the
     queue (`status`, `dead-letters`) passes False. `forwarding`: it forwards (PostgreSQL: it
-    takes a share of the users' buckets). Raises StoreError when the queue cannot be used.
+    takes a share of the users' buckets). `create`: make the queue when there is none (by
+    default only a relay does; `import` does too). Raises StoreError when the queue cannot
+    be used.
     """
+    create = daemon if create is None else create
     if config.url:
         # Imported here: a relay on SQLite never loads asyncpg (69 ms of import at start-up).
         from .postgres import PostgresQueue  # noqa: PLC0415
@@ -44,6 +48,7 @@ async def open_queue(
             sessions=sessions,
             member=daemon,
             forwarding=daemon and forwarding,
+            create=create,
         )
     return await SqliteQueue.open(
         config.path,
@@ -52,6 +57,7 @@ async def open_queue(
         max_pending=config.max_pending,
         max_size=config.max_size,
         exclusive=daemon,
+        create=create,
         sessions=sessions,
         session_cache=session_cache,
     )

@@ -176,3 +176,17 @@ class Queue(Protocol):
 
     async def prune_dedup(self, now: float) -> int:
         """Forget messageIds older than the dedup window; return how many."""
+
+    # --- backfill (docs/operations.md, "Importing archives") ------------------------------------
+
+    async def stage_imports(self, rows: Sequence[NewMessage]) -> int:
+        """Keep imported messages apart from the queue, in order (committed on return); return
+        how many. A messageId imported before (ever), or accepted live within the dedup
+        window, is left out."""
+
+    async def feed_imports(self, limit: int) -> int:
+        """Move up to `limit` of the oldest imported messages into the queue; return how many.
+        The relay calls it while live calls are not waiting."""
+
+    async def imports_waiting(self) -> int:
+        """Imported messages not yet moved into the queue."""

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import asyncpg
 
 from ...config import QueueConfig, redact_url
 from ...errors import StoreError
+from ...records import NewMessage
 from .. import migrations
 from ..queries import load_queries
+from .leases import bucket_of
 
 log = logging.getLogger(__name__)
 Q = load_queries(__package__)
@@ -85,6 +88,20 @@ async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool
         raise StoreError(f"queue.url: cannot connect to {where}: {exc}") from exc
     assert pool is not None
     return pool
+
+
+def message_columns(rows: Sequence[NewMessage]) -> tuple[list[Any], ...]:
+    """`rows` as the arrays of the statements that insert messages (insert_messages,
+    insert_calls, stage_imports)."""
+    return (
+        [bucket_of(m.user_key) for m in rows],
+        [m.source for m in rows],
+        [m.message_id for m in rows],
+        [m.user_key for m in rows],
+        [m.type for m in rows],
+        [m.body for m in rows],
+        [m.received_at for m in rows],
+    )
 
 
 async def inspect(config: QueueConfig) -> str:

@@ -349,3 +349,48 @@ WITH due AS (
     ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
 )
 SELECT COUNT(*) FROM due;
+
+-- name: stage_imports
+-- Imported messages apart from the queue, in their order. A messageId imported before (for
+-- good), repeated in the input, or accepted live within the dedup window ($8) is left out.
+-- Returns how many were staged.
+WITH input AS (
+    SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::float8[])
+        WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+), first AS (
+    SELECT DISTINCT ON (source, message_id) * FROM input ORDER BY source, message_id, ord
+), new AS (
+    INSERT INTO imported_ids (source, message_id)
+    SELECT source, message_id FROM first ORDER BY source, message_id
+    ON CONFLICT DO NOTHING
+    RETURNING source, message_id
+), staged AS (
+    INSERT INTO imports (bucket, source, message_id, user_key, type, body, received_at)
+    SELECT f.bucket, f.source, f.message_id, f.user_key, f.type, f.body, f.received_at
+    FROM first AS f JOIN new USING (source, message_id)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM dedup AS d
+        WHERE d.source = f.source AND d.message_id = f.message_id AND d.received_at >= $8
+    )
+    ORDER BY f.ord
+    RETURNING 1
+)
+SELECT COUNT(*) FROM staged;
+
+-- name: feed_imports
+-- The oldest imported messages into the queue, in the order they were imported; relays
+-- feeding at once take different ones. The transaction has its id before (see Horizon).
+WITH moved AS (
+    DELETE FROM imports
+    WHERE id IN (SELECT id FROM imports ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING id, bucket, source, message_id, user_key, type, body, received_at
+)
+INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
+SELECT bucket, source, message_id, user_key, type, body, received_at FROM moved ORDER BY id;
+
+-- name: take_xid
+SELECT pg_current_xact_id();
+
+-- name: count_imports
+SELECT COUNT(*) FROM imports;

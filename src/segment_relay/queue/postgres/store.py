@@ -37,8 +37,9 @@ from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..session_rows import Expansion, expand, session_activities
 from .admin import Administration
-from .database import Database, Q
+from .database import Database, Q, message_columns
 from .horizon import Horizon
+from .imports import Imports
 from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
 
 log = logging.getLogger(__name__)
@@ -54,19 +55,6 @@ VACUUM_CHECK_S = 5.0
 COMMITS_AT_ONCE = 2
 
 
-def _columns(rows: Sequence[NewMessage]) -> tuple[list[Any], ...]:
-    """`rows` as the arrays of insert_messages / insert_calls."""
-    return (
-        [bucket_of(m.user_key) for m in rows],
-        [m.source for m in rows],
-        [m.message_id for m in rows],
-        [m.user_key for m in rows],
-        [m.type for m in rows],
-        [m.body for m in rows],
-        [m.received_at for m in rows],
-    )
-
-
 def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
     return (
         [s.user_key for s in states],
@@ -80,7 +68,7 @@ def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
     )
 
 
-class PostgresQueue(GroupCommit, Administration):
+class PostgresQueue(Imports, GroupCommit, Administration):
     """The PostgreSQL queue (a Queue, see queue/protocol.py). Open with `await
     PostgresQueue.open(config)`, close with `await queue.close()`."""
 
@@ -124,16 +112,17 @@ class PostgresQueue(GroupCommit, Administration):
         member: bool = True,
         forwarding: bool = True,
         clock: Callable[[], float] = lease_clock,
+        create: bool | None = None,
     ) -> PostgresQueue:
         """Connect, upgrade the schema and, for a relay (`member`), join the relays sharing
         the database and take a share of the buckets (`forwarding`). Only a relay creates
-        the schema in a database that has none.
+        the schema in a database that has none, unless `create` says otherwise.
 
         Raises StoreError naming queue.url (never its password) when the database cannot be
         reached or refuses the login, or was upgraded by a newer relay.
         """
         db, pending = await Database.open(
-            config, outcomes=forwarding, analyze=member, create=member
+            config, outcomes=forwarding, analyze=member, create=member if create is None else create
         )
         queue = cls(
             db,
@@ -235,7 +224,7 @@ class PostgresQueue(GroupCommit, Administration):
                 left_out = [
                     calls[r[0] - 1]
                     for r in await conn.fetch(
-                        Q["insert_calls"], *_columns(calls), self._dedup_window_s
+                        Q["insert_calls"], *message_columns(calls), self._dedup_window_s
                     )
                 ]
                 if not left_out and len(calls) == len(messages):
@@ -285,7 +274,7 @@ class PostgresQueue(GroupCommit, Administration):
                 if m.type in SESSION_TYPES or (key in new and key not in taken):
                     taken.add(key)
                     rows.append(m)
-        await conn.execute(Q["insert_messages"], *_columns(rows))
+        await conn.execute(Q["insert_messages"], *message_columns(rows))
         if expansion.changed:
             await conn.execute(Q["save_sessions"], *_session_columns(expansion.changed))
         return expansion, new
@@ -524,7 +513,7 @@ class PostgresQueue(GroupCommit, Administration):
             due = [SessionState.from_row(r) for r in found]
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
             if rows:
-                await conn.execute(Q["insert_messages"], *_columns(rows))
+                await conn.execute(Q["insert_messages"], *message_columns(rows))
                 await conn.execute(Q["delete_sessions"], [s.user_key for s in due])
         self.sessions_ended += len(due)
         self._added(len(due))

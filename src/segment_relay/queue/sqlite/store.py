@@ -36,6 +36,7 @@ from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..session_rows import Expansion, SessionCache, expand, session_activities
 from .database import Q, connect, is_full
+from .imports import Imports
 from .lockfile import LockFile
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def _transaction(raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
     return result
 
 
-class SqliteQueue(GroupCommit):
+class SqliteQueue(Imports, GroupCommit):
     """The SQLite queue (a Queue, see queue/protocol.py). Open with `await
     SqliteQueue.open(...)`, close with `await queue.close()`."""
 
@@ -107,13 +108,14 @@ class SqliteQueue(GroupCommit):
         dedup_window_s: float = 86400.0,
         max_pending: int = 10_000_000,
         exclusive: bool = True,
+        create: bool | None = None,
         sessions: SessionRules | None = None,
         session_cache: int = 10_000,
         max_size: int = 0,
     ) -> SqliteQueue:
         """Open the queue at `path`, creating it and its directory when missing, but for a
-        command that only reads or administers the queue (not `exclusive`): that gets
-        StoreError naming the path, and nothing is created.
+        command that only reads or administers the queue (not `exclusive`, unless `create`):
+        that gets StoreError naming the path, and nothing is created.
 
         `session_cache`: how many sessions to hold on the event loop (see SessionCache).
 
@@ -123,7 +125,8 @@ class SqliteQueue(GroupCommit):
         relay.
         """
         db_path = Path(path)
-        if not exclusive and not await asyncio.to_thread(db_path.is_file):
+        create = exclusive if create is None else create
+        if not create and not await asyncio.to_thread(db_path.is_file):
             raise StoreError(
                 f"no queue at {db_path}: is queue.path the relay's? (a relative path is "
                 "relative to the config file's directory)"
