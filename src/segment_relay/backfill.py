@@ -20,7 +20,7 @@ from .errors import StoreError
 from .queue.protocol import Queue
 from .records import NewMessage
 from .segment import BatchEnvelope, InvalidMessageError, parse_time, prepare, user_key
-from .sessions import SessionEvent, SessionRules, SessionState
+from .sessions import Activity, SessionEvent, SessionRules, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,52 @@ def imported(
 
 
 @dataclass
+class Parsed:
+    """What a run of archive lines holds: the messages, each with its session activity (None:
+    none), in order; the lines or messages refused (line number, index in a batch line,
+    reason); how many messages were read."""
+
+    messages: list[tuple[NewMessage, Activity | None]] = field(default_factory=list)
+    refused: list[tuple[int, int | None, str]] = field(default_factory=list)
+    read: int = 0
+
+
+def parse_lines(
+    lines: list[bytes],
+    first: int,
+    source: str,
+    now: float,
+    max_bytes: int,
+    rules: SessionRules | None,
+) -> Parsed:
+    """The messages of `lines` (numbered from `first`), as `imported` makes them. Pure, so
+    that worker processes can run it (import_cli.Parsers)."""
+    parsed = Parsed()
+    for number, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            for index, raw, envelope in messages_of(line):
+                parsed.read += 1
+                try:
+                    message = imported(raw, envelope, source, now, max_bytes)
+                except InvalidMessageError as exc:
+                    parsed.refused.append((number, index, str(exc)))
+                    continue
+                assert message.message is not None
+                activity = (
+                    None
+                    if rules is None
+                    else rules.activity(message.message, source, message.user_key, 0.0)
+                )
+                # Without the parsed message: only what the queue stores crosses processes.
+                parsed.messages.append((message._replace(message=None), activity))
+        except LineError as exc:
+            parsed.refused.append((number, None, str(exc)))
+    return parsed
+
+
+@dataclass
 class Sessions:
     """Sessions of imported calls from their own times, apart from the live ones: a gap over
     the idle timeout starts a new session; every session still open ends with the import."""
@@ -88,10 +134,9 @@ class Sessions:
     now: float
     open: dict[str, SessionState] = field(default_factory=dict)
 
-    def before(self, message: NewMessage) -> list[NewMessage]:
-        """The session events to queue before `message` (none: it is not session activity)."""
-        assert message.message is not None
-        activity = self.rules.activity(message.message, message.source, message.user_key, 0.0)
+    def before(self, message: NewMessage, activity: Activity | None) -> list[NewMessage]:
+        """The session events to queue before `message`, whose session `activity` it is
+        (none: it is not session activity)."""
         if activity is None:
             return []
         events, state = self.rules.on_activity(self.open.get(message.user_key), activity)

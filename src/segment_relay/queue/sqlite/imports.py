@@ -23,14 +23,16 @@ class Imports:
 
     async def stage_imports(self, rows: Sequence[NewMessage]) -> int:
         since = time.time() - self._dedup_window_s
-        params = [{**row._asdict(), "since": since} for row in rows]
+        # A messageId repeated in `rows` counts once, at its first place.
+        first: dict[tuple[str, str], NewMessage] = {}
+        for row in rows:
+            first.setdefault((row.source, row.message_id), row)
+        params = [{**row._asdict(), "since": since} for row in first.values()]
 
         def stage(raw: sqlite3.Connection) -> int:
-            staged = 0
-            for row in params:
-                if raw.execute(Q["remember_import"], row).rowcount:
-                    staged += raw.execute(Q["stage_import"], row).rowcount
-            return staged
+            staged = raw.executemany(Q["stage_import"], params).rowcount
+            raw.executemany(Q["remember_import"], params)
+            return max(staged, 0)
 
         staged: int = await self._write(stage)
         return staged

@@ -167,17 +167,20 @@ SELECT '', value FROM relay_state WHERE name = 'destination';
 -- are due again below what the forwarder's reads have covered.
 UPDATE messages SET next_attempt_at = 0 WHERE next_attempt_at > ?;
 
--- name: remember_import
--- Imported once, for good: a messageId seen before changes nothing (rowcount 0).
-INSERT OR IGNORE INTO imported_ids (source, message_id) VALUES (:source, :message_id);
-
 -- name: stage_import
--- Apart from the queue, unless the call was accepted live within the dedup window (:since).
+-- Apart from the queue, unless imported before (ever) or accepted live within the dedup
+-- window (:since).
 INSERT INTO imports (source, message_id, user_key, type, body, received_at)
 SELECT :source, :message_id, :user_key, :type, :body, :received_at
 WHERE NOT EXISTS (
+    SELECT 1 FROM imported_ids WHERE source = :source AND message_id = :message_id
+) AND NOT EXISTS (
     SELECT 1 FROM dedup WHERE source = :source AND message_id = :message_id AND received_at >= :since
 );
+
+-- name: remember_import
+-- Imported once, for good (after stage_import, in the same transaction).
+INSERT OR IGNORE INTO imported_ids (source, message_id) VALUES (:source, :message_id);
 
 -- name: feed_imports
 -- The oldest imported messages into the queue, in the order they were imported.
