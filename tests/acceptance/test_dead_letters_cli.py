@@ -113,3 +113,5 @@ async def test_list_show_replay_and_purge(tmp_path: Path) -> None:
         assert out.strip() == "purged 1 dead letters"
         code, out, _ = await run_cli("status", "--config", str(config_path))
         assert "dead letters:       0" in out
+        # The counters --json has, in the text too.
+        assert "delivered / retried / dead-lettered: 2 / 0 / 2" in out
