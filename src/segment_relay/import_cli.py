@@ -32,6 +32,7 @@ from .sessions import SessionRules
 
 EXIT_REFUSED = 1
 CHUNK = 2000  # lines a worker parses at once, and so about the messages a transaction
+MAX_WORKERS = 4  # so at most 8 runs of lines (16,000) are in flight
 
 
 def add_parser(commands: Any) -> None:
@@ -166,7 +167,7 @@ class Parsers:
     come back in order; at most two runs per worker are in flight."""
 
     def __init__(self) -> None:
-        self.workers = os.cpu_count() or 1
+        self.workers = min(os.cpu_count() or 1, MAX_WORKERS)
         self.in_flight: collections.deque[asyncio.Future[Parsed]] = collections.deque()
 
     def __enter__(self) -> Parsers:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -161,20 +160,28 @@ async def test_an_interrupted_import_run_again_delivers_each_message_once(
     tmp_path: Path,
 ) -> None:
     count = 20_000
-    archive = write_archive(tmp_path / "big.json.gz", tracks(count, "m", users=50))
+    lines = tracks(count, "m", users=50)
+    archive = write_archive(tmp_path / "big.json.gz", lines)
     async with running_fake(FakeInfinario()) as (fake, api):
         config = config_for(tmp_path, api.url, destination={"max_requests_per_second": 10_000})
+        # The first run reads standard input, which this test feeds: it is killed half-way,
+        # with part of its input taken and the rest never sent.
         process = await asyncio.create_subprocess_exec(
-            *relay_command(), "import", "--config", str(config), str(archive),
-            stderr=asyncio.subprocess.DEVNULL,
+            *relay_command(), "import", "--config", str(config), "-",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
+        assert process.stdin is not None
+        # 9 runs of lines: more than Parsers keeps in flight, so some are written.
+        taken = lines[: 9 * 2000]
+        process.stdin.write(b"".join(orjson.dumps(line) + b"\n" for line in taken))
+        await process.stdin.drain()
         waiting = 0
-        for _ in range(600):  # bounded: until part of the file is in, then SIGKILL
+        for _ in range(600):  # bounded: until part of it is in, then SIGKILL
             code, out, _ = await run_cli("status", "--json", "--config", str(config))
             if code == 0 and (waiting := json.loads(out)["imports_waiting"]) > 0:
                 break
             await asyncio.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
+        process.kill()
         await process.wait()
         assert 0 < waiting < count, "the import was not caught half-way"
         code, _, err = await run_cli("import", "--config", str(config), str(archive))
