@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import jsontext
-from .errors import StoreError
 from .queue.protocol import Queue
 from .records import NewMessage
 from .segment import BatchEnvelope, InvalidMessageError, parse_time, prepare, user_key
@@ -53,7 +52,7 @@ def messages_of(line: bytes) -> Iterator[tuple[int, Any, BatchEnvelope]]:
         items: list[Any] = value["batch"]
     else:
         envelope, items = BatchEnvelope(), [value]
-    digest = hashlib.sha256(line).hexdigest()[:32]
+    digest = hashlib.sha256(line.strip()).hexdigest()[:32]  # the same with CRLF or none
     for index, item in enumerate(items):
         if isinstance(item, dict) and not item.get("messageId"):
             yield index, {**item, "messageId": f"import-{digest}-{index}"}, envelope
@@ -166,9 +165,11 @@ async def feed(store: Queue, stop: asyncio.Event) -> None:
         if store.pending_count < FEED_BELOW:
             try:
                 moved = await store.feed_imports(FEED_CHUNK)
-            except StoreError as exc:
+            except Exception as exc:  # noqa: BLE001 - the relay goes on; the imports wait
                 log.warning(
-                    "cannot feed imported messages: %s", exc, extra={"action": "queue_down"}
+                    "cannot feed imported messages into the queue (they wait): %s",
+                    exc,
+                    extra={"action": "feed_failed"},
                 )
         if moved:
             log.debug("fed %d imported messages into the queue", moved, extra={"action": "fed"})

@@ -39,9 +39,12 @@ def _address(text: str) -> Address | None:
     elif text.count(":") == 1:
         text = text.partition(":")[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # An IPv4 client of a socket listening on "::" arrives as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
 
 
 def _forwarded_for(values: Iterable[str]) -> list[str]:
@@ -72,11 +75,11 @@ class Proxies:
         """The client's address: the peer's, unless the peer is a trusted proxy; then the
         right-most address of the forwarding header that is not a trusted proxy. A header
         from an untrusted peer is ignored (anyone can write one)."""
-        if not self.networks:
-            return peer  # no proxies trusted (the default): nothing to parse on each request
         found = _address(peer) if peer else None
-        if found is None or not self.trusted(found):
-            return str(found) if found is not None else peer
+        if found is None:
+            return peer
+        if not self.networks or not self.trusted(found):
+            return str(found)
         if self.header == "forwarded":
             hops = _forwarded_for(headers.getall("Forwarded", ()))
         else:

@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_import(config, source, args.files, report))
     took = time.monotonic() - started
     print(
-        f"imported {report.staged} messages from {len(args.files)} file(s) in {took:.1f}s "
-        f"({report.read / max(took, 1e-9):,.0f} messages/s); {report.read - report.staged} "
-        f"already imported or sent; {report.refused} refused",
+        f"imported {report.staged} (new messages and their session events) from "
+        f"{report.read} messages read in {len(args.files)} file(s), in {took:.1f}s "
+        f"({report.read / max(took, 1e-9):,.0f} messages/s); {report.refused} refused",
         file=sys.stderr,
     )
     return EXIT_REFUSED if report.refused else 0

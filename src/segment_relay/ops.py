@@ -154,25 +154,28 @@ def reload(app: web.Application, load: Callable[[], Config]) -> list[str]:
     file changed back warns no more). A bad file changes nothing.
     """
     old: Config = app[CONFIG]
+    if CERTIFICATE in app:
+        # The same files, rotated (certbot), whatever the config file says; new paths need a
+        # restart.
+        app[CERTIFICATE].reload()
     try:
-        new = load()
-        new.check_serving(dry_run=FORWARDER not in app or not app[FORWARDER].sends)
+        loaded = load()
+        loaded.check_serving(dry_run=FORWARDER not in app or not app[FORWARDER].sends)
+        # What runs of the sections that need a restart stays (checked again together).
+        new = replace(loaded, **{name: getattr(old, name) for name in FIXED})
     except ConfigError as exc:
         log.error(  # noqa: TRY400 - the message names the bad key; no traceback needed
             "reload refused, the running config stays: %s", exc, extra={"action": "reload_failed"}
         )
         return []
     changed = [name for name in RELOADABLE if getattr(old, name) != getattr(new, name)]
-    fixed = [name for name in FIXED if getattr(old, name) != getattr(new, name)]
+    fixed = [name for name in FIXED if getattr(old, name) != getattr(loaded, name)]
     if fixed:
         log.warning(
             "reload: %s changed and need a restart; the running values stay until then",
             ", ".join(fixed),
             extra={"action": "reload_partial"},
         )
-    new = replace(new, **{name: getattr(old, name) for name in FIXED})
-    if CERTIFICATE in app:
-        app[CERTIFICATE].reload()  # the same files, rotated (certbot); new paths need a restart
     app[CONFIG] = new
     app[RECEIVER].reload(new)
     if FORWARDER in app:

@@ -34,18 +34,23 @@ def _load(cert: str, key: str) -> ssl.SSLContext:
 
 
 class Certificate:
-    """The server's TLS context. A reload checks the files in a context of its own first, so
-    a bad pair changes nothing; a good one is loaded into the live context, which every new
-    connection takes (those open keep theirs)."""
+    """The server's TLS context. Every handshake takes the certificate loaded last (the
+    context's SNI callback hands the connection to it), so a reload swaps whole, checked
+    contexts: a bad pair changes nothing, and connections already open keep theirs."""
 
     def __init__(self, server: ServerConfig) -> None:
         self.cert, self.key = server.tls_cert, server.tls_key
+        self.current = _load(self.cert, self.key)
         self.context = _load(self.cert, self.key)
+        self.context.sni_callback = self._choose
+
+    def _choose(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
+        connection.context = self.current
 
     def reload(self) -> bool:
         """Read the files again (a rotated certificate); False, logged, when they are bad."""
         try:
-            _load(self.cert, self.key)
+            self.current = _load(self.cert, self.key)
         except ConfigError as exc:
             log.error(  # noqa: TRY400 - the message says what is wrong; no traceback needed
                 "the certificate was not reloaded, the one in use stays: %s",
@@ -53,7 +58,6 @@ class Certificate:
                 extra={"action": "tls_reload_failed"},
             )
             return False
-        self.context.load_cert_chain(self.cert, self.key)
         log.info("certificate reloaded from %s", self.cert, extra={"action": "tls_reloaded"})
         return True
 

@@ -15,6 +15,8 @@ from support import (
     T0,
     make_config,
     post,
+    queue_pending,
+    queue_two_calls,
     run_cli,
     running_fake,
     running_relay,
@@ -59,6 +61,7 @@ async def test_a_backup_taken_under_load_holds_every_call_acknowledged_before_it
     assert code == 0, err
     assert out.startswith(f"backed up {tmp_path / 'data' / 'q.db'} to {copy}: ")
     assert (again[0], "add --force" in again[2]) == (64, True)
+    assert copy.stat().st_mode & 0o777 == 0o600
     assert not list(copy.parent.glob(".*partial"))
     assert during > 0, "the daemon took no calls while the backup ran: not a test under load"
 
@@ -76,6 +79,17 @@ async def test_a_backup_taken_under_load_holds_every_call_acknowledged_before_it
     assert set(before) <= set(delivered)
     assert len(delivered) == len(set(delivered))
     assert set(delivered) <= {f"m{n}" for n in range(CALLS)}
+
+
+async def test_a_backup_never_replaces_the_queue_itself(tmp_path: Path) -> None:
+    config = waiting_config(tmp_path / "relay.yaml", tmp_path / "q.db")
+    await queue_two_calls(config)
+    code, out, err = await run_cli(
+        "backup", "--force", "--config", str(config), str(tmp_path / "." / "q.db")
+    )
+    assert (code, out) == (3, "")
+    assert "is the queue itself" in err
+    assert await queue_pending(config) == 2
 
 
 async def test_backup_of_a_postgresql_queue_says_how_instead(tmp_path: Path) -> None:

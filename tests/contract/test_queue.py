@@ -366,6 +366,8 @@ async def test_imports_wait_apart_once_for_good_and_are_fed_in_order(backend: Ba
         assert await store.stage_imports(rows) == 3
         assert (await store.imports_waiting(), store.pending_count) == (3, 1)
         assert await store.stage_imports([msg(n, at=now) for n in (2, 3, 5)]) == 1
+        # A live call repeating an imported one is not stored again (the dedup window).
+        assert await store.enqueue([msg(5, at=now)]) == 0
         assert await store.feed_imports(2) == 2
         assert (await store.imports_waiting(), store.pending_count) == (2, 3)
         due = await store.due(now + 1, (), 10)

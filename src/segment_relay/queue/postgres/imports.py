@@ -20,9 +20,12 @@ class Imports:
     _added: Callable[[int], None]
 
     async def stage_imports(self, rows: Sequence[NewMessage]) -> int:
-        since = time.time() - self._dedup_window_s
+        now = time.time()
+        since = now - self._dedup_window_s
         async with self._db.connection() as conn:
-            staged: Any = await conn.fetchval(Q["stage_imports"], *message_columns(rows), since)
+            staged: Any = await conn.fetchval(
+                Q["stage_imports"], *message_columns(rows), since, now
+            )
         return int(staged)
 
     async def feed_imports(self, limit: int) -> int:
@@ -30,7 +33,7 @@ class Imports:
             # Its transaction id first, as every path that takes a seq (docs/queue.md, "Reads
             # that skip").
             await conn.fetchval(Q["take_xid"])
-            status = await conn.execute(Q["feed_imports"], limit)
+            status = await conn.execute(Q["feed_imports"], limit, time.time())
         moved = int(status.split()[-1])
         self._added(moved)
         return moved

@@ -118,7 +118,7 @@ ORDER BY d.seq;
 -- The queue's tables with more than $1 dead rows (the statistics autovacuum reads too).
 SELECT relname FROM pg_stat_user_tables
 WHERE relname IN ('messages', 'sessions', 'dedup', 'leases', 'counters', 'instances',
-                  'dead_letters')
+                  'dead_letters', 'imports')
   AND schemaname = current_schema() AND n_dead_tup > $1
 ORDER BY relname;
 
@@ -375,6 +375,11 @@ WITH input AS (
     )
     ORDER BY f.ord
     RETURNING 1
+), live AS (
+    -- A live call repeating an imported one is not stored again, within the dedup window.
+    INSERT INTO dedup (source, message_id, received_at)
+    SELECT source, message_id, $9 FROM new ORDER BY source, message_id
+    ON CONFLICT (source, message_id) DO NOTHING
 )
 SELECT COUNT(*) FROM staged;
 
@@ -386,8 +391,9 @@ WITH moved AS (
     WHERE id IN (SELECT id FROM imports ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
     RETURNING id, bucket, source, message_id, user_key, type, body, received_at
 )
+-- Queued as of now ($2): max_age counts from here.
 INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
-SELECT bucket, source, message_id, user_key, type, body, received_at FROM moved ORDER BY id;
+SELECT bucket, source, message_id, user_key, type, body, $2 FROM moved ORDER BY id;
 
 -- name: take_xid
 SELECT pg_current_xact_id();

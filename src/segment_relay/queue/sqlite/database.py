@@ -136,8 +136,12 @@ def backup(db_path: Path, dest: Path) -> int:
     whole or absent. Returns the messages queued in the copy."""
     if not db_path.is_file():
         raise StoreError(f"no queue at {db_path}")
+    if dest.resolve() == db_path.resolve():
+        raise StoreError(f"{dest} is the queue itself: back it up to another file")
     partial = dest.with_name(f".{dest.name}.partial")
     try:
+        # Readable by its owner only, as the queue is: it holds the users' calls.
+        os.close(os.open(partial, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600))
         with (
             contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as src,
             contextlib.closing(sqlite3.connect(partial)) as copy,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ...errors import StoreError, StoreFullError
 from ...records import NewMessage
 from .database import Q
 
@@ -19,6 +20,7 @@ class Imports:
     _write: Callable[..., Any]
     _one: Callable[..., Any]
     _added: Callable[[int], None]
+    _commit_error: Callable[[Exception], StoreError]
     _dedup_window_s: float
 
     async def stage_imports(self, rows: Sequence[NewMessage]) -> int:
@@ -30,25 +32,41 @@ class Imports:
         params = [{**row._asdict(), "since": since} for row in first.values()]
 
         def stage(raw: sqlite3.Connection) -> int:
+            [(used, most)] = raw.execute(Q["queue_pages"]).fetchall()
+            if used > most // 2:
+                raise StoreFullError(
+                    "the queue is over half of queue.max_size: the import stops here, so that "
+                    "live calls keep room; run it again once the relay has sent these"
+                )
             staged = raw.executemany(Q["stage_import"], params).rowcount
             raw.executemany(Q["remember_import"], params)
+            raw.executemany(Q["dedup_import"], params)
             return max(staged, 0)
 
-        staged: int = await self._write(stage)
-        return staged
+        return await self._guarded(stage)
 
     async def feed_imports(self, limit: int) -> int:
+        now = time.time()
+
         def feed(raw: sqlite3.Connection) -> int:
             [(last,)] = raw.execute(Q["import_chunk_end"], {"limit": limit}).fetchall()
             if last is None:
                 return 0
-            moved = raw.execute(Q["feed_imports"], {"last": last}).rowcount
+            moved = raw.execute(Q["feed_imports"], {"last": last, "now": now}).rowcount
             raw.execute(Q["fed_imports"], {"last": last})
             return max(moved, 0)
 
-        moved: int = await self._write(feed)
+        moved = await self._guarded(feed)
         self._added(moved)
         return moved
+
+    async def _guarded(self, fn: Callable[[sqlite3.Connection], int]) -> int:
+        """`fn` as one transaction; the database's errors as StoreError, as ingest's."""
+        try:
+            done: int = await self._write(fn)
+        except sqlite3.Error as exc:
+            raise self._commit_error(exc) from exc
+        return done
 
     async def imports_waiting(self) -> int:
         row = await self._one("count_imports")

@@ -182,10 +182,20 @@ WHERE NOT EXISTS (
 -- Imported once, for good (after stage_import, in the same transaction).
 INSERT OR IGNORE INTO imported_ids (source, message_id) VALUES (:source, :message_id);
 
+-- name: dedup_import
+-- A live call repeating an imported one is not stored again, within the dedup window.
+INSERT OR IGNORE INTO dedup (source, message_id, received_at)
+VALUES (:source, :message_id, :received_at);
+
+-- name: queue_pages
+-- How much of the file is in use, and the most it may take (queue.max_size).
+SELECT (SELECT page_count FROM pragma_page_count), (SELECT max_page_count FROM pragma_max_page_count);
+
 -- name: feed_imports
 -- The oldest imported messages into the queue, in the order they were imported.
+-- Queued as of now: max_age counts from here.
 INSERT INTO messages (source, message_id, user_key, type, body, received_at)
-SELECT source, message_id, user_key, type, body, received_at FROM imports
+SELECT source, message_id, user_key, type, body, :now FROM imports
 WHERE id <= :last ORDER BY id;
 
 -- name: fed_imports
