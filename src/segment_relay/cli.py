@@ -75,7 +75,7 @@ def logging_config(level: str, fmt: str = "text") -> dict[str, Any]:
     }
 
 
-GLOBAL_OPTIONS = ("--log-level", "--log-format")
+GLOBAL_OPTIONS = ("--log-level", "--log-format", "--env-file")
 
 
 def _global_options_first(argv: Sequence[str]) -> list[str]:
@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
+        "--env-file",
+        help="a systemd EnvironmentFile (VAR=value lines) whose variables ${VAR}s in the config "
+        "take, as the service's do (check-config: those only, none from the shell)",
+    )
+    parser.add_argument(
         "--log-format",
         default="text",
         choices=["text", "json"],
@@ -124,10 +129,6 @@ def _parser() -> argparse.ArgumentParser:
         help="make every check serve makes before it listens (config, credentials, queue)",
     )
     check.add_argument("-c", "--config", required=True)
-    check.add_argument(
-        "--env-file",
-        help="read ${VAR}s from this systemd EnvironmentFile only, as the service sees them",
-    )
     check.add_argument("--dry-run", action="store_true", help="check as serve --dry-run would")
 
     status = commands.add_parser("status", help="show the queue: depth, backoff, dead letters")
@@ -182,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_global_options_first(sys.argv[1:] if argv is None else argv))
     logging.config.dictConfig(logging_config(args.log_level, args.log_format))
     logging.captureWarnings(True)
+    try:
+        if args.env_file is not None and args.command != "check-config":
+            os.environ.update(read_env_file(args.env_file))
+    except ConfigError as exc:
+        return _failed(args, "config error", exc, EXIT_CONFIG)
     handler = {
         "serve": _serve,
         "check-config": _check_config,
@@ -321,8 +327,17 @@ def _retry_now(args: argparse.Namespace) -> int:
 def _backup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     dest = Path(args.dest)
-    if dest.exists() and not args.force:
-        print(f"segment-relay: {dest} exists; add --force to replace it", file=sys.stderr)
+    problem = (
+        f"{dest.parent} is not a directory"
+        if not dest.parent.is_dir()
+        else f"{dest} is a directory: name the file to write"
+        if dest.is_dir()
+        else f"{dest} exists; add --force to replace it"
+        if dest.exists() and not args.force
+        else None
+    )
+    if problem is not None:
+        print(f"segment-relay: {problem}", file=sys.stderr)
         return EXIT_USAGE
     started = time.monotonic()
     pending = asyncio.run(backup_queue(config.queue, dest))
@@ -338,7 +353,10 @@ def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, environ)
     config.check_serving(dry_run=args.dry_run)
     tls.certificate(config.server)
+    _warn_outside_state_directory(config, os.environ.get("STATE_DIRECTORY"))
     queue = asyncio.run(inspect_queue(config.queue))
+    if args.dry_run:
+        queue += " (serve --dry-run uses a throwaway queue instead)"
     print(_summary(config, queue))
     return 0
 

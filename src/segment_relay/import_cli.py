@@ -12,7 +12,9 @@ import gzip
 import io
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,8 +33,10 @@ from .records import NewMessage
 from .sessions import SessionRules
 
 EXIT_REFUSED = 1
+EXIT_INTERRUPTED = 130
 CHUNK = 2000  # lines a worker parses at once, and so about the messages a transaction
 MAX_WORKERS = 4  # so at most 8 runs of lines (16,000) are in flight
+PARENT_CHECK_S = 1.0
 
 
 def add_parser(commands: Any) -> None:
@@ -71,7 +75,15 @@ def run(args: argparse.Namespace) -> int:
         rejects = stack.enter_context(Path(args.rejects).open("w")) if args.rejects else None
         report = Report(rejects)
         started = time.monotonic()
-        asyncio.run(_import(config, source, args.files, report))
+        try:
+            asyncio.run(_import(config, source, args.files, report))
+        except KeyboardInterrupt:
+            print(
+                f"segment-relay: import interrupted after {report.staged} were queued; run it "
+                "again to finish (nothing already in is queued twice)",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
     took = time.monotonic() - started
     print(
         f"imported {report.staged} (new messages and their session events) from "
@@ -160,6 +172,23 @@ def _chunks(lines: Iterator[bytes]) -> Iterator[tuple[int, list[bytes]]]:
         yield first, chunk
 
 
+def _end_with(parent: int) -> None:
+    """In a worker: exit once the import that started it is gone (killed, say), rather than
+    wait for work for ever (its queue's pipes stay open in the other workers)."""
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the import's to handle
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class Parsers:
     """Archive lines checked and enriched in worker processes, one per core, while this one
     reads the file and the queue's thread writes: checking a message costs twice what storing
@@ -172,7 +201,9 @@ class Parsers:
 
     def __enter__(self) -> Parsers:
         context = multiprocessing.get_context("forkserver")
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        self.pool = ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_end_with, initargs=(os.getpid(),)
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

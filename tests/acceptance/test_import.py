@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,7 @@ async def test_an_interrupted_import_run_again_delivers_each_message_once(
         process = await asyncio.create_subprocess_exec(
             *relay_command(), "import", "--config", str(config), "-",
             stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: its workers can be found
         )  # fmt: skip
         assert process.stdin is not None
         # 9 runs of lines: more than Parsers keeps in flight, so some are written.
@@ -184,6 +186,14 @@ async def test_an_interrupted_import_run_again_delivers_each_message_once(
         process.kill()
         await process.wait()
         assert 0 < waiting < count, "the import was not caught half-way"
+        # Its worker processes follow it rather than wait for work for ever.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    os.killpg(process.pid, 0)
+                except ProcessLookupError:
+                    break
+                await asyncio.sleep(0.1)
         code, _, err = await run_cli("import", "--config", str(config), str(archive))
         assert code == 0, err
         daemon = await start_daemon(config)

@@ -236,3 +236,30 @@ async def test_serve_under_systemd_warns_of_a_queue_outside_its_state_directory(
         "serve", "--config", str(config), env={"STATE_DIRECTORY": str(tmp_path)}
     )
     assert (code, "StateDirectory" in err) == (3, False), err
+
+
+async def test_every_command_takes_the_units_environment_file(tmp_path: Path) -> None:
+    config = waiting_config(tmp_path / "relay.yaml", tmp_path / "data" / "q.db")
+    await queue_two_calls(config)
+    # The token only in the root-only env file, as operations.md sets it up.
+    config.write_text(
+        config.read_text().replace("project_token: TOKEN", "project_token: ${TOKEN_ONLY_IN_FILE}")
+    )
+    env_file = tmp_path / "env"
+    env_file.write_text("TOKEN_ONLY_IN_FILE=TOKEN\n")
+    code, _, err = await run_cli("status", "--config", str(config))
+    assert code == 2
+    assert "TOKEN_ONLY_IN_FILE is not set" in err
+    for command in (["status", "--json"], ["dead-letters", "list"], ["retry-now"]):
+        code, _, err = await run_cli(*command, "--config", str(config), "--env-file", str(env_file))
+        assert code == 0, (command, err)
+
+
+async def test_check_config_under_the_units_state_directory_warns_of_a_queue_outside_it(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "relay.yaml", tmp_path / "q.db", "http://127.0.0.1:9")
+    state = {"STATE_DIRECTORY": "/var/lib/segment-relay"}
+    code, out, err = await run_cli("check-config", "--config", str(config), env=state)
+    assert (code, out.startswith("config OK")) == (0, True), err
+    assert "is outside the unit's StateDirectory (/var/lib/segment-relay)" in err

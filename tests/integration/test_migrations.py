@@ -3,6 +3,7 @@ the database refuses it."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -57,10 +58,18 @@ def trigger_sql(path: Path, name: str) -> str:
     return str(sql)
 
 
-async def test_a_queue_made_before_schema_versions_is_upgraded_in_place(queue_path: Path) -> None:
+async def test_a_queue_made_before_schema_versions_is_upgraded_in_place(
+    queue_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     old_queue(queue_path)
     assert "session_start" not in trigger_sql(queue_path, "session_commit")
-    store = await SqliteQueue.open(queue_path, sessions=SessionRules.of(60, ["page"]))
+    with caplog.at_level(logging.INFO, logger="segment_relay.queue.sqlite.database"):
+        store = await SqliteQueue.open(queue_path, sessions=SessionRules.of(60, ["page"]))
+    # Each step is logged, as the upgrade instructions (docs/operations.md) say.
+    upgraded = [r.getMessage() for r in caplog.records if "schema upgraded" in r.getMessage()]
+    assert upgraded == [
+        f"queue schema upgraded to version {m.version} ({m.name})" for m in SQLITE_MIGRATIONS
+    ]
     try:
         # Its rows are kept...
         [row] = await store.due(2000.0, (), 10)

@@ -4,6 +4,7 @@ versions"). The queue itself is store.py."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -14,6 +15,7 @@ from ...errors import StoreError
 from .. import migrations
 from ..queries import load_queries
 
+log = logging.getLogger(__name__)
 Q = load_queries(__package__)
 MIGRATIONS = migrations.load(__package__)
 
@@ -82,6 +84,7 @@ def _migrate(raw: sqlite3.Connection, where: str) -> None:
     transaction. A file made before versions existed reads 0: migration 1 creates only what
     is missing (IF NOT EXISTS), so such a file keeps its rows and goes on from there.
     """
+    applied: list[migrations.Migration] = []
     raw.execute("BEGIN IMMEDIATE")
     try:
         [(version,)] = raw.execute("PRAGMA user_version").fetchall()
@@ -89,11 +92,19 @@ def _migrate(raw: sqlite3.Connection, where: str) -> None:
             for statement in _statements(migration.sql):
                 raw.execute(statement)
             raw.execute(f"PRAGMA user_version = {migration.version}")
+            applied.append(migration)
         raw.execute("COMMIT")
     except BaseException:
         if raw.in_transaction:
             raw.execute("ROLLBACK")
         raise
+    for migration in applied:
+        log.info(
+            "queue schema upgraded to version %d (%s)",
+            migration.version,
+            migration.name,
+            extra={"action": "schema_upgraded"},
+        )
 
 
 def inspect(db_path: Path) -> str:
