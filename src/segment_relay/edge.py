@@ -75,6 +75,8 @@ class Proxies:
         """The client's address: the peer's, unless the peer is a trusted proxy; then the
         right-most address of the forwarding header that is not a trusted proxy. A header
         from an untrusted peer is ignored (anyone can write one)."""
+        if not self.networks and (not peer or not peer.startswith("::ffff:")):
+            return peer  # nothing trusted, nothing to normalise: no parse on every request
         found = _address(peer) if peer else None
         if found is None:
             return peer

@@ -102,3 +102,9 @@ def test_client_side_libraries_get_the_address(name: str) -> None:
 )
 def test_which_calls_get_the_address(context: Any, fills: bool) -> None:
     assert fills_ip(context) is fills
+
+
+def test_an_ipv4_client_of_an_ipv6_socket_is_read_as_ipv4() -> None:
+    assert Proxies([]).client("::ffff:203.0.113.7", headers()) == "203.0.113.7"
+    sent = headers(("X-Forwarded-For", "::ffff:203.0.113.9"))
+    assert PROXIES.client("::ffff:10.0.0.2", sent) == "203.0.113.9"
