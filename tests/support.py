@@ -8,8 +8,10 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -442,3 +444,62 @@ def waiting_config(path: Path, queue_path: Path) -> Path:
         "http://127.0.0.1:9",
         destination={"retry": {"backoff_initial": "1h", "backoff_max": "1h"}},
     )
+
+
+# --- proxies and load balancers in front of relays (the documented configurations) -------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fenced_block(doc: Path, after: str) -> str:
+    """The first fenced block of `doc` after the text `after`."""
+    found = re.search(re.escape(after) + r".*?\n```\n(.*?)```", doc.read_text(), re.DOTALL)
+    assert found, f"no configuration after {after!r} in {doc.name}"
+    return found.group(1)
+
+
+def nginx_command(tmp_path: Path, server: str) -> list[str]:
+    """nginx in the foreground with `server` (a server block and its upstreams) as its site."""
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
+        f"events {{}}\nhttp {{\n    access_log off;\n    client_body_temp_path {tmp_path};\n"
+        f"    proxy_temp_path {tmp_path};\n{server}}}\n"
+    )
+    return ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)]
+
+
+def haproxy_command(tmp_path: Path, config: str) -> list[str]:
+    """HAProxy in the foreground with `config` (frontends and backends)."""
+    (tmp_path / "haproxy.cfg").write_text(
+        "global\n    maxconn 256\ndefaults\n    timeout connect 2s\n    timeout client 30s\n"
+        f"    timeout server 30s\n\n{config}"
+    )
+    return ["haproxy", "-f", str(tmp_path / "haproxy.cfg"), "-db"]
+
+
+@contextlib.asynccontextmanager
+async def listening(command: list[str], port: int) -> AsyncIterator[None]:
+    """`command` running until exit, once it takes connections on `port` (bounded wait)."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                if process.returncode is not None:
+                    assert process.stderr is not None
+                    raise AssertionError((await process.stderr.read()).decode())
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 20)

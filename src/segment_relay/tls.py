@@ -40,8 +40,8 @@ class Certificate:
 
     def __init__(self, server: ServerConfig) -> None:
         self.cert, self.key = server.tls_cert, server.tls_key
-        self.current = _load(self.cert, self.key)
-        self.context = _load(self.cert, self.key)
+        # The context the server listens with; until a reload it is also the one handed out.
+        self.context = self.current = _load(self.cert, self.key)
         self.context.sni_callback = self._choose
 
     def _choose(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:

@@ -5,13 +5,7 @@ proxy's nor one the client made up."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
-import signal
-import socket
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +13,18 @@ import pytest
 import trustme
 
 from segment_relay.testing import FakeInfinario
-from support import AUTH, requires, running_fake, start_daemon, write_config
+from support import (
+    AUTH,
+    fenced_block,
+    free_port,
+    haproxy_command,
+    listening,
+    nginx_command,
+    requires,
+    running_fake,
+    start_daemon,
+    write_config,
+)
 
 pytestmark = pytest.mark.acceptance
 DOC = Path(__file__).parents[2] / "docs" / "deployment.md"
@@ -27,16 +32,7 @@ CLIENT = "127.0.0.2"  # the client connects from here; the proxies run on 127.0.
 
 
 def doc_block(after: str) -> str:
-    """The first fenced block of docs/deployment.md after the text `after`."""
-    found = re.search(re.escape(after) + r".*?\n```\n(.*?)```", DOC.read_text(), re.DOTALL)
-    assert found, f"no configuration after {after!r} in docs/deployment.md"
-    return found.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return fenced_block(DOC, after)
 
 
 def certificate(tmp_path: Path) -> tuple[trustme.CA, Path, Path]:
@@ -59,12 +55,7 @@ def proxy_command(kind: str, tmp_path: Path, front: int, relays: list[int]) -> l
         site = site.replace(f"{live}/fullchain.pem", str(cert))
         site = site.replace(f"{live}/privkey.pem", str(key))
         site = site.replace("127.0.0.1:8088", f"127.0.0.1:{relays[0]}")
-        (tmp_path / "nginx.conf").write_text(
-            f"daemon off;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
-            f"events {{}}\nhttp {{\n    access_log off;\n    client_body_temp_path {tmp_path};\n"
-            f"    proxy_temp_path {tmp_path};\n{site}}}\n"
-        )
-        return ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)]
+        return nginx_command(tmp_path, site)
     if kind == "caddy":
         site = doc_block("The Caddyfile:")
         site = site.replace(
@@ -85,34 +76,7 @@ def proxy_command(kind: str, tmp_path: Path, front: int, relays: list[int]) -> l
     )
     for n, port in enumerate(relays):
         config = config.replace(f"10.0.0.1{n + 1}:8088", f"127.0.0.1:{port}")
-    (tmp_path / "haproxy.cfg").write_text(
-        "global\n    maxconn 256\ndefaults\n    timeout connect 2s\n    timeout client 30s\n"
-        f"    timeout server 30s\n\n{config}"
-    )
-    return ["haproxy", "-f", str(tmp_path / "haproxy.cfg"), "-db"]
-
-
-@contextlib.asynccontextmanager
-async def running(command: list[str], front: int) -> AsyncIterator[None]:
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        async with asyncio.timeout(20):  # bounded: until the front port takes connections
-            while True:
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", front)
-                    writer.close()
-                    break
-                if process.returncode is not None:
-                    assert process.stderr is not None
-                    raise AssertionError((await process.stderr.read()).decode())
-                await asyncio.sleep(0.05)
-        yield
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 20)
+    return haproxy_command(tmp_path, config)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +108,7 @@ async def test_the_documented_proxy_gives_the_relay_the_clients_address(
             for n, port in enumerate(relays)
         ]
         try:
-            async with running(proxy_command(kind, tmp_path, front, relays), front):
+            async with listening(proxy_command(kind, tmp_path, front, relays), front):
                 connector = aiohttp.TCPConnector(ssl=trust, local_addr=(CLIENT, 0))
                 async with aiohttp.ClientSession(connector=connector) as session:
                     call = {

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import signal
-import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +15,11 @@ import pytest
 from segment_relay.testing import FakeInfinario
 from support import (
     AUTH,
+    fenced_block,
+    free_port,
+    haproxy_command,
+    listening,
+    nginx_command,
     postgres_database,
     requires,
     running_fake,
@@ -31,17 +32,7 @@ README = Path(__file__).parents[2] / "README.md"
 
 
 def readme_block(after: str) -> str:
-    """The first fenced block of the README after the line `after`."""
-    text = README.read_text()
-    found = re.search(re.escape(after) + r"\n\n```\n(.*?)```", text, re.DOTALL)
-    assert found, f"no configuration after {after!r} in README.md"
-    return found.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return fenced_block(README, after)
 
 
 def adapt(config: str, front: int, relays: list[int]) -> str:
@@ -53,50 +44,18 @@ def adapt(config: str, front: int, relays: list[int]) -> str:
     )
 
 
-@contextlib.asynccontextmanager
-async def balancer(kind: str, tmp_path: Path, front: int, relays: list[int]) -> AsyncIterator[None]:
+def balancer(
+    kind: str, tmp_path: Path, front: int, relays: list[int]
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """The README's HAProxy or nginx configuration, made local, running in front of `relays`."""
     if kind == "haproxy":
-        config = "global\n    maxconn 256\ndefaults\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n"
-        config += adapt(
-            readme_block(
-                "refuses (a relay answers 503 while it stops or cannot reach the database). HAProxy:"
-            ),
-            front,
-            relays,
+        config = readme_block(
+            "refuses (a relay answers 503 while it stops or cannot reach the database). HAProxy:"
         )
-        path = tmp_path / "haproxy.cfg"
-        path.write_text(config)
-        command = ["haproxy", "-f", str(path), "-db"]
+        command = haproxy_command(tmp_path, adapt(config, front, relays))
     else:
-        server = adapt(readme_block("or nginx:"), front, relays)
-        config = (
-            f"daemon off;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
-            f"events {{}}\nhttp {{\n    access_log off;\n    client_body_temp_path {tmp_path};\n"
-            f"    proxy_temp_path {tmp_path};\n{server}}}\n"
-        )
-        path = tmp_path / "nginx.conf"
-        path.write_text(config)
-        command = ["nginx", "-c", str(path), "-p", str(tmp_path)]
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        # Bounded: until the front port accepts connections.
-        async with asyncio.timeout(20):
-            while True:
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", front)
-                    writer.close()
-                    break
-                if process.returncode is not None:
-                    assert process.stderr is not None
-                    raise AssertionError((await process.stderr.read()).decode())
-                await asyncio.sleep(0.05)
-        yield
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 20)
+        command = nginx_command(tmp_path, adapt(readme_block("or nginx:"), front, relays))
+    return listening(command, front)
 
 
 @pytest.mark.parametrize(
