@@ -110,6 +110,9 @@ class WrkResult:
     seconds: float
     p50_ms: float
     p99_ms: float
+    # The share of this machine's CPU time the hypervisor gave to others during the run
+    # (/proc/stat's steal): a round with much of it measured a busy host, not the relay.
+    steal_pct: float = 0.0
 
     def ok_per_s(self, events_per_request: int) -> float:
         return (self.requests - self.non_2xx) * events_per_request / self.seconds
@@ -123,6 +126,15 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(all CPU ticks, stolen ticks) since boot, from /proc/stat (zeros where there is none)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
 def wrk(
     url: str, body: bytes, *, connections: int = 64, seconds: int = 10, script: str = "post.lua"
 ) -> WrkResult:
@@ -133,6 +145,7 @@ def wrk(
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         f.write(body)
         f.flush()
+        ticks, stolen = _cpu_ticks()
         out = subprocess.run(
             [
                 exe,
@@ -152,6 +165,7 @@ def wrk(
             check=True,
             timeout=seconds + 60,
         ).stdout
+        ticks_after, stolen_after = _cpu_ticks()
     requests, took = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out).groups()[:2]  # type: ignore[union-attr]
     unit = re.search(r"\d+ requests in [\d.]+(m?s)", out).group(1)  # type: ignore[union-attr]
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -162,6 +176,7 @@ def wrk(
         # Anchored: "70.50%" in the thread stats above must not match.
         p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE).group(1)),  # type: ignore[union-attr]
         p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE).group(1)),  # type: ignore[union-attr]
+        steal_pct=100 * (stolen_after - stolen) / max(1, ticks_after - ticks),
     )
 
 

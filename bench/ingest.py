@@ -64,7 +64,10 @@ def baseline(mode: str, tmp: Path, body: bytes, path: str, seconds: int) -> WrkR
 
 
 def row(name: str, result: WrkResult, events: int) -> str:
-    return f"{name:<34} {result.ok_per_s(events):>12,.0f} {result.p50_ms:>8.2f} {result.p99_ms:>8.2f} {result.non_2xx:>7}"
+    return (
+        f"{name:<34} {result.ok_per_s(events):>12,.0f} {result.p50_ms:>8.2f} "
+        f"{result.p99_ms:>8.2f} {result.non_2xx:>7} {result.steal_pct:>6.0f}%"
+    )
 
 
 def main() -> None:
@@ -96,7 +99,7 @@ def main() -> None:
         f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, {args.seconds}s each; "
         f"forwarding at {args.rate or 'the default'} requests/s; {args.rounds} round(s)"
     )
-    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
+    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} {'steal':>7}")
     for name, body, path, events, mode in [
         ("single calls", SINGLE, "/v1/track", 1, "parse"),
         ("100-message batches", BATCH, "/v1/batch", 100, "durable"),
@@ -137,7 +140,7 @@ def https_against_http(args: argparse.Namespace) -> None:
         f"message {len(SINGLE)} bytes; batch {len(BATCH)} bytes (100 messages); 64 connections, "
         f"{args.seconds}s each; {args.rounds} round(s) of HTTP then HTTPS"
     )
-    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
+    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} {'steal':>7}")
     for name, body, path, events in [
         ("single calls", SINGLE, "/v1/track", 1),
         ("100-message batches", BATCH, "/v1/batch", 100),

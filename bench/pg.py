@@ -87,7 +87,7 @@ def baseline(url: str, body: bytes, path: str, seconds: int) -> WrkResult:
 
 def ingest(args: argparse.Namespace) -> None:
     print("(1) ingest, 64 connections; relay on queue.url vs the bare PostgreSQL handler")
-    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}")
+    print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} {'steal':>7}")
     for name, body, path, events in [
         ("single calls", SINGLE, "/v1/track", 1),
         ("100-call batches", BATCH, "/v1/batch", 100),
@@ -116,7 +116,7 @@ def ingest(args: argparse.Namespace) -> None:
 
 
 async def prefill(url: str, count: int, users: int = 1000) -> None:
-    queue = await PostgresQueue.open(QueueConfig(url=url), member=False)
+    queue = await PostgresQueue.open(QueueConfig(url=url), member=False, create=True)
     now = time.time()
     try:
         for start in range(0, count, 1000):

@@ -16,7 +16,9 @@ from segment_relay.errors import StoreError
 from segment_relay.queue import inspect_queue, open_queue
 from segment_relay.queue.postgres import PostgresQueue
 from segment_relay.queue.postgres.database import MIGRATIONS as PG_MIGRATIONS
-from segment_relay.queue.postgres.leases import BUCKETS, bucket_of
+from segment_relay.queue.postgres.database import Q, message_rows
+from segment_relay.queue.postgres.leases import BUCKETS
+from segment_relay.records import NewMessage
 from segment_relay.sessions import SessionRules
 from support import database_url, msg, page
 
@@ -75,22 +77,40 @@ async def test_a_users_calls_acked_one_after_another_by_two_relays_leave_in_orde
     assert [r.message_id for r in await owner.due(2000.0, (), 100)] == [f"m{i}" for i in range(20)]
 
 
-async def call_in_progress(conn: asyncpg.Connection) -> tuple[Any, int]:
-    """A commit in progress on `conn` (user "slow", messageId "late"): its dedup row first,
-    as every ingest path, then its seq. Returns the open transaction and the seq."""
+async def test_a_message_id_the_relay_made_gets_no_dedup_row(
+    relays: OpenRelay, postgres_url: str
+) -> None:
+    """A call that came without a messageId cannot repeat an accepted one: it is stored, in
+    order with the others of its commit, without a dedup row; sent ids are still deduped."""
+    rules = SessionRules.of(60, ["page"])
+    a = await relays(sessions=rules)
+    made = [msg(n, user="u")._replace(fresh_id=True) for n in (1, 3)]
+    assert await a.enqueue([msg(0, user="u"), made[0], msg(2, user="u"), made[1]]) == 4
+    assert await a.enqueue([msg(0, user="u"), msg(2, user="u")]) == 0  # repeats
+    opened = page(0, "v", "2024-01-01T00:00:00Z", 1000.0)
+    assert await a.enqueue([opened._replace(fresh_id=True)]) == 1  # with a session
+    ids = [r.message_id for r in await a.due(2000.0, (), 100)]
+    assert ids[:4] == ["m0", "m1", "m2", "m3"]
+    assert "p0" in ids
+    dedup = await sql(postgres_url, "SELECT message_id FROM dedup ORDER BY 1")
+    assert [r[0] for r in dedup] == ["m0", "m2"]
+
+
+async def call_in_progress(conn: asyncpg.Connection, *, fresh: bool) -> tuple[Any, int]:
+    """A commit in progress on `conn` (user "slow", messageId "late"), as the relay's group
+    commit makes it (`fresh`: with a messageId the relay made, so no dedup row). Returns the
+    open transaction and the seq."""
     transaction = conn.transaction()
     await transaction.start()
-    await conn.execute("INSERT INTO dedup VALUES ('s', 'late', 1000)")
-    seq = await conn.fetchval(
-        "INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)"
-        " VALUES ($1, 's', 'late', 'slow', 'track', '{}', 1000) RETURNING seq",
-        bucket_of("slow"),
-    )
+    late = NewMessage("s", "late", "slow", "track", "{}", 1000.0, fresh_id=fresh)
+    await conn.execute(Q["insert_calls"], *message_rows([late]), 60.0)
+    seq = await conn.fetchval("SELECT seq FROM messages WHERE message_id = 'late'")
     return transaction, int(seq)
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["sent id", "id the relay made"])
 async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
-    relays: OpenRelay, postgres_url: str
+    relays: OpenRelay, postgres_url: str, fresh: bool
 ) -> None:
     """The forwarder starts a read after what earlier reads saw (horizon.py); a call whose
     seq was taken before others' but committed after them is still found."""
@@ -98,7 +118,7 @@ async def test_a_read_never_skips_a_seq_whose_transaction_commits_after_it(
     a = await relays(clock=clock)
     late = await asyncpg.connect(postgres_url)
     try:
-        transaction, late_seq = await call_in_progress(late)
+        transaction, late_seq = await call_in_progress(late, fresh=fresh)
         looked = 0
         for n in range(5):  # commits and reads go on around it
             clock.now += 1  # each read takes a transaction id of its own (horizon.py)
@@ -130,7 +150,7 @@ async def test_a_read_never_trusts_the_seq_of_the_newest_transaction_still_runni
     await a.enqueue([msg(0, user="u0")])
     late = await asyncpg.connect(postgres_url)
     try:
-        transaction, late_seq = await call_in_progress(late)
+        transaction, late_seq = await call_in_progress(late, fresh=False)
         for _ in range(4):
             clock.now += 1
             read = await a.read_due(2000.0, {"u0"}, 100, 0)

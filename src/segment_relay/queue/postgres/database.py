@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import asyncpg
+import orjson
 
 from ...config import QueueConfig, redact_url
 from ...errors import StoreError
@@ -90,18 +90,27 @@ async def _connect(config: QueueConfig, *, durable: bool = True) -> asyncpg.Pool
     return pool
 
 
-def message_columns(rows: Sequence[NewMessage]) -> tuple[list[Any], ...]:
-    """`rows` as the arrays of the statements that insert messages (insert_messages,
-    insert_calls, stage_imports)."""
-    return (
-        [bucket_of(m.user_key) for m in rows],
-        [m.source for m in rows],
-        [m.message_id for m in rows],
-        [m.user_key for m in rows],
-        [m.type for m in rows],
-        [m.body for m in rows],
-        [m.received_at for m in rows],
-    )
+def message_rows(rows: Sequence[NewMessage]) -> tuple[str, list[str]]:
+    """`rows` as the two parameters of the statements that insert messages (insert_calls,
+    insert_messages, stage_imports): their small fields as one JSON array, and their bodies.
+
+    Not an array per field: asyncpg encodes an array element by element, with two abstract
+    base class checks per text element, and seven arrays cost the relay more than parsing the
+    calls (bench/pg.py, 100-call batches: the commit's CPU in the relay fell from 5.3 to 2.6
+    us per call with this, and PostgreSQL's time stayed the same)."""
+    fields = [
+        {
+            "bucket": bucket_of(m.user_key),
+            "source": m.source,
+            "message_id": m.message_id,
+            "user_key": m.user_key,
+            "type": m.type,
+            "received_at": m.received_at,
+            "fresh": m.fresh_id,
+        }
+        for m in rows
+    ]
+    return orjson.dumps(fields).decode(), [m.body for m in rows]
 
 
 async def inspect(config: QueueConfig) -> str:

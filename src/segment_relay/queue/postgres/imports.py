@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...records import NewMessage
-from .database import Database, Q, message_columns
+from .database import Database, Q, message_rows
 
 
 class Imports:
@@ -23,9 +23,7 @@ class Imports:
         now = time.time()
         since = now - self._dedup_window_s
         async with self._db.connection() as conn:
-            staged: Any = await conn.fetchval(
-                Q["stage_imports"], *message_columns(rows), since, now
-            )
+            staged: Any = await conn.fetchval(Q["stage_imports"], *message_rows(rows), since, now)
         return int(staged)
 
     async def feed_imports(self, limit: int) -> int:

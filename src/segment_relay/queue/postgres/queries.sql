@@ -1,6 +1,8 @@
 -- The PostgreSQL queue's queries, loaded by name by store.py (the only module that runs them).
 -- Each query starts with a line "-- name: NAME". Arrays come in as parameters and are
--- unnested, so that a group commit or a settlement is one statement per table.
+-- unnested, so that a group commit or a settlement is one statement per table. Messages come
+-- in as two parameters (database.message_rows): $1 a JSON array of their small fields, $2
+-- the text[] of their bodies, zipped back together by ROWS FROM.
 
 -- name: schema_version
 SELECT COALESCE(MAX(version), 0) FROM segment_relay_schema;
@@ -12,27 +14,41 @@ SELECT to_regclass('segment_relay_schema') IS NOT NULL;
 -- A group commit without session activity, in one statement: the messageIds new within the
 -- dedup window are recorded (a messageId accepted before within the window is left out, also
 -- when another relay's transaction has it: the insert waits for that one to end), and the
--- calls with those are stored in acceptance order. Dedup rows are inserted sorted, so that
--- two relays' commits cannot deadlock on them. Returns the positions (from 1) of the calls
--- left out as repeats: usually none, so a commit of thousands of calls answers no rows.
-WITH input AS (
-    SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::float8[])
-        WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+-- calls with those are stored in acceptance order. A messageId the relay made (`fresh`)
+-- cannot repeat one: it gets no dedup row, and its call is stored. Every stored row is joined
+-- with the transaction's id, so that the transaction has one before it draws a seq, also
+-- when it writes no dedup row (see horizon.py). Dedup rows are inserted sorted, so that two
+-- relays' commits cannot deadlock on them. Returns the positions (from 1) of the calls left
+-- out as repeats: usually none, so a commit of thousands of calls answers no rows.
+WITH xid AS MATERIALIZED (
+    SELECT pg_current_xact_id() AS id
+), input AS (
+    SELECT * FROM ROWS FROM (
+        json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
+                                         user_key text, type text, received_at float8,
+                                         fresh bool),
+        unnest($2::text[]))
+    WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
+                         ord)
 ), new AS (
     INSERT INTO dedup AS d (source, message_id, received_at)
-    SELECT source, message_id, received_at FROM input ORDER BY source, message_id
+    SELECT source, message_id, received_at FROM input WHERE NOT fresh
+    ORDER BY source, message_id
     ON CONFLICT (source, message_id) DO UPDATE SET received_at = excluded.received_at
-    WHERE d.received_at < excluded.received_at - $8
+    WHERE d.received_at < excluded.received_at - $3
     RETURNING source, message_id
 ), stored AS (
     INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
     SELECT i.bucket, i.source, i.message_id, i.user_key, i.type, i.body, i.received_at
-    FROM input AS i JOIN new USING (source, message_id)
+    FROM xid, input AS i
+    WHERE xid.id IS NOT NULL
+      AND (i.fresh
+           OR EXISTS (SELECT FROM new WHERE new.source = i.source AND new.message_id = i.message_id))
     ORDER BY i.ord
 )
-SELECT i.ord FROM input AS i LEFT JOIN new USING (source, message_id)
-WHERE new.message_id IS NULL;
+SELECT i.ord FROM input AS i
+WHERE NOT i.fresh
+  AND NOT EXISTS (SELECT FROM new WHERE new.source = i.source AND new.message_id = i.message_id);
 
 -- name: record_ids
 -- The dedup step of insert_calls alone, for a commit with session activity (whose rules need
@@ -47,9 +63,13 @@ RETURNING source, message_id;
 -- name: insert_messages
 INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
 SELECT bucket, source, message_id, user_key, type, body, received_at
-FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::float8[]) WITH ORDINALITY
-    AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+FROM ROWS FROM (
+    json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
+                                     user_key text, type text, received_at float8,
+                                     fresh bool),
+    unnest($2::text[]))
+WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
+                     ord)
 ORDER BY ord;
 
 -- name: lock_users
@@ -352,12 +372,16 @@ SELECT COUNT(*) FROM due;
 
 -- name: stage_imports
 -- Imported messages apart from the queue, in their order. A messageId imported before (for
--- good), repeated in the input, or accepted live within the dedup window ($8) is left out.
+-- good), repeated in the input, or accepted live within the dedup window ($3) is left out.
 -- Returns how many were staged.
 WITH input AS (
-    SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::float8[])
-        WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, body, received_at, ord)
+    SELECT * FROM ROWS FROM (
+        json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
+                                         user_key text, type text, received_at float8,
+                                         fresh bool),
+        unnest($2::text[]))
+    WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
+                         ord)
 ), first AS (
     SELECT DISTINCT ON (source, message_id) * FROM input ORDER BY source, message_id, ord
 ), new AS (
@@ -371,14 +395,14 @@ WITH input AS (
     FROM first AS f JOIN new USING (source, message_id)
     WHERE NOT EXISTS (
         SELECT 1 FROM dedup AS d
-        WHERE d.source = f.source AND d.message_id = f.message_id AND d.received_at >= $8
+        WHERE d.source = f.source AND d.message_id = f.message_id AND d.received_at >= $3
     )
     ORDER BY f.ord
     RETURNING 1
 ), live AS (
     -- A live call repeating an imported one is not stored again, within the dedup window.
     INSERT INTO dedup (source, message_id, received_at)
-    SELECT source, message_id, $9 FROM new ORDER BY source, message_id
+    SELECT source, message_id, $4 FROM new ORDER BY source, message_id
     ON CONFLICT (source, message_id) DO NOTHING
 )
 SELECT COUNT(*) FROM staged;

@@ -37,7 +37,7 @@ from ..ingest import Committed, GroupCommit
 from ..protocol import Retry
 from ..session_rows import Expansion, expand, session_activities
 from .admin import Administration
-from .database import Database, Q, message_columns
+from .database import Database, Q, message_rows
 from .horizon import Horizon
 from .imports import Imports
 from .leases import BUCKETS, Leases, bucket_of, lease_clock, share
@@ -224,7 +224,7 @@ class PostgresQueue(Imports, GroupCommit, Administration):
                 left_out = [
                     calls[r[0] - 1]
                     for r in await conn.fetch(
-                        Q["insert_calls"], *message_columns(calls), self._dedup_window_s
+                        Q["insert_calls"], *message_rows(calls), self._dedup_window_s
                     )
                 ]
                 if not left_out and len(calls) == len(messages):
@@ -253,14 +253,17 @@ class PostgresQueue(Imports, GroupCommit, Administration):
         self.session_commits_read += 1
         users = sorted({a.user_key for a in activities.values()})
         await conn.execute(Q["lock_users"], users)
+        # A messageId the relay made cannot repeat one: no dedup row (as insert_calls).
+        sent = [m for m in calls if not m.fresh_id]
         recorded = await conn.fetch(
             Q["record_ids"],
-            [m.source for m in calls],
-            [m.message_id for m in calls],
-            [m.received_at for m in calls],
+            [m.source for m in sent],
+            [m.message_id for m in sent],
+            [m.received_at for m in sent],
             self._dedup_window_s,
         )
         new = {(r[0], r[1]) for r in recorded}
+        new.update((m.source, m.message_id) for m in calls if m.fresh_id)
         states = {
             r[0]: SessionState.from_row(r) for r in await conn.fetch(Q["lock_sessions"], users)
         }
@@ -274,7 +277,7 @@ class PostgresQueue(Imports, GroupCommit, Administration):
                 if m.type in SESSION_TYPES or (key in new and key not in taken):
                     taken.add(key)
                     rows.append(m)
-        await conn.execute(Q["insert_messages"], *message_columns(rows))
+        await conn.execute(Q["insert_messages"], *message_rows(rows))
         if expansion.changed:
             await conn.execute(Q["save_sessions"], *_session_columns(expansion.changed))
         return expansion, new
@@ -513,7 +516,7 @@ class PostgresQueue(Imports, GroupCommit, Administration):
             due = [SessionState.from_row(r) for r in found]
             rows = [NewMessage.session_event(SessionEvent("session_end", s), now) for s in due]
             if rows:
-                await conn.execute(Q["insert_messages"], *message_columns(rows))
+                await conn.execute(Q["insert_messages"], *message_rows(rows))
                 await conn.execute(Q["delete_sessions"], [s.user_key for s in due])
         self.sessions_ended += len(due)
         self._added(len(due))
