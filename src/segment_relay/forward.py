@@ -280,7 +280,14 @@ class Forwarder(Outcomes):
                     # is the next probe (see Destination.probe_anyone).
                     destination.probe_anyone()
                     continue
-                return await self._idle_wait(now)
+                wait_s = await self._idle_wait(now)
+                if self._tasks:
+                    # Nothing to send but batches in flight: what the read left out is their
+                    # users'. Until one ends, only a full batch of new calls can go before
+                    # its calls' linger: reading at every commit would find nothing again.
+                    until = now + min(wait_s, self.config.linger_s)
+                    self._lingering = (until, self.store.pending_count)
+                return wait_s
             self._next_send_at = (
                 max(self._next_send_at, time.monotonic())
                 + 1.0 / self.config.max_requests_per_second
@@ -301,6 +308,7 @@ class Forwarder(Outcomes):
             self._coverage.forget()
             self._full_read_at = tick + IDLE_POLL_S
         after = self._coverage.after(busy)
+        self.metrics.queue_reads.inc()
         read = await self.store.read_due(now, busy, limit, after)
         if self._coverage.note_replays(read, after):
             after = 0
@@ -378,6 +386,7 @@ class Forwarder(Outcomes):
         def done(t: asyncio.Task[set[str]]) -> None:
             self._tasks.discard(t)
             self._busy_users -= users
+            self._lingering = None  # its users' calls may go now
             self._slot_free.set()
             self.store.done_sending(batch)
             if t.cancelled() or self.store.claims != claims:

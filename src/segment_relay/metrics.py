@@ -99,6 +99,11 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 5, 10, 20, 30, 40, 50),
         )
+        self.queue_reads = Counter(
+            "segment_relay_queue_reads",
+            "Reads of the queue by the forwarder for messages to send",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "segment_relay_queue_depth", "Messages waiting in the queue", registry=r
         )

@@ -229,18 +229,47 @@ async def test_a_command_retry_goes_out_when_due_without_other_traffic(
     assert second.at - first.at >= 0.1
 
 
+@pytest.mark.parametrize("linger", ["0s", "300ms"])
 async def test_a_user_with_a_backlog_in_flight_hides_no_one_who_comes_later(
-    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path, linger: str
 ) -> None:
     # While "big" has a batch in flight, reads start after what earlier reads covered (all of
-    # big's backlog): a call of another user that arrives later must still be found.
+    # big's backlog): a call of another user that arrives later must still be found. With a
+    # linger, the reads that found only big's rows wait no longer than that call's linger
+    # (it goes while big's batch is still held).
     fake, api = fake_api
-    async with running_relay(backlog_config(queue_path, api)) as relay:
+    async with running_relay(backlog_config(queue_path, api, linger=linger)) as relay:
         await hold_backlog(relay, fake)
         assert (await post(relay.url, "/v1/track", track("late", 1)))[0] == 200
         # One batch per user is in flight: the second held request is late's.
         await fake.wait_for(lambda f: f.held >= 2, timeout_s=IDLE_POLL_S - 1)
         assert ("late", 1) in await release(fake, 21)
+
+
+async def test_calls_of_a_user_with_a_batch_in_flight_are_not_read_for_until_it_ends(
+    fake_api: tuple[FakeInfinario, Server], queue_path: Path
+) -> None:
+    # A read while "big" has a batch in flight finds nothing of big's to send. Until that batch
+    # ends, more of big's calls cannot go, and calls of others only after their linger or as a
+    # full batch: a commit is no reason to read again (each read is a query, and one user's
+    # steady stream made one per commit).
+    fake, api = fake_api
+    config = make_config(queue_path, api.url, destination={"batch_size": 50, "linger": "5s"})
+    async with running_relay(config) as relay:
+        metrics = relay.app[METRICS].registry
+        fake.gate = asyncio.Event()
+        backlog = [track("big", n) for n in range(1, 61)]
+        assert (await post(relay.url, "/v1/batch", {"batch": backlog}))[0] == 200
+        await fake.wait_for(lambda f: f.held >= 1)
+        reads = metrics.get_sample_value("segment_relay_queue_reads_total")
+        for n in range(61, 81):  # 20 commits, fewer calls than a batch
+            assert (await post(relay.url, "/v1/track", track("big", n)))[0] == 200
+        # (One read may still come: the one after the rate limit's 12.5 ms, which finds big
+        # busy, if the gate held big's batch first.)
+        assert metrics.get_sample_value("segment_relay_queue_reads_total") <= reads + 1
+        fake.gate.set()
+        delivered = [key(c) for c in await fake.wait_for_commands(80)]
+        assert delivered == [("big", n) for n in range(1, 81)]
 
 
 async def test_a_retry_coming_due_is_sent_while_a_user_with_a_backlog_is_in_flight(
