@@ -254,7 +254,7 @@ async def test_calls_of_a_user_with_a_batch_in_flight_are_not_read_for_until_it_
     # full batch: a commit is no reason to read again (each read is a query, and one user's
     # steady stream made one per commit).
     fake, api = fake_api
-    config = make_config(queue_path, api.url, destination={"batch_size": 50, "linger": "5s"})
+    config = make_config(queue_path, api.url, destination={"batch_size": 50, "linger": "3s"})
     async with running_relay(config) as relay:
         metrics = relay.app[METRICS].registry
         fake.gate = asyncio.Event()

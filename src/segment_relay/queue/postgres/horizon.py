@@ -11,15 +11,15 @@ and send that user's later calls before it.
 So a read trusts only seqs that every transaction which could still commit them has ended
 for. Each read reports its snapshot's `xmin` (the oldest transaction id still running) and
 the sequence's last value, read after the snapshot was taken; a read takes a transaction id
-of its own (`pg_current_xact_id()`) at most every XID_EVERY_S. Every path that takes a seq has
-its transaction id first (it writes a dedup row or locks a row first), so a seq handed out by
-the time one read read the sequence belongs to a transaction id below the id a later read
-takes. A snapshot taken after that read committed lists every transaction below its id that
-still runs: once such a snapshot's `xmin` is above that id, those transactions have all
-ended, and the seqs up to the earlier read's value are committed or never will be. (A
-snapshot's `xmax` would not do: it is the latest completed id + 1, and a transaction newer
-than that which still runs is left out of `xmin`.) The sequence must hand out one value at a
-time: a cached sequence would break this.
+of its own (`pg_current_xact_id()`) at most every XID_EVERY_S. Every path that takes a seq
+has its transaction id first (its insert is joined with `pg_current_xact_id()`, or it locks
+a row first), so a seq handed out by the time one read read the sequence belongs to a
+transaction id below the id a later read takes. A snapshot taken after that read committed
+lists every transaction below its id that still runs: once such a snapshot's `xmin` is above
+that id, those transactions have all ended, and the seqs up to the earlier read's value are
+committed or never will be. (A snapshot's `xmax` would not do: it is the latest completed id
++ 1, and a transaction newer than that which still runs is left out of `xmin`.) The sequence
+must hand out one value at a time: a cached sequence would break this.
 """
 
 from __future__ import annotations

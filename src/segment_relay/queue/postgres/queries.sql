@@ -61,15 +61,20 @@ WHERE d.received_at < excluded.received_at - $4
 RETURNING source, message_id;
 
 -- name: insert_messages
+-- Joined with the transaction's id, as insert_calls: it has one before the first seq.
+WITH xid AS MATERIALIZED (
+    SELECT pg_current_xact_id() AS id
+)
 INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
 SELECT bucket, source, message_id, user_key, type, body, received_at
-FROM ROWS FROM (
+FROM xid, ROWS FROM (
     json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
                                      user_key text, type text, received_at float8,
                                      fresh bool),
     unnest($2::text[]))
 WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
                      ord)
+WHERE xid.id IS NOT NULL
 ORDER BY ord;
 
 -- name: lock_users
