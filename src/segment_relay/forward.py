@@ -75,8 +75,11 @@ class Forwarder(Outcomes):
         self._crashed: BaseException | None = None
         self._dispatching = asyncio.Lock()
         self._stopped = asyncio.Event()
-        # (until, queue depth then) while a batch that is not full lingers.
-        self._lingering: tuple[float, int] | None = None
+        # (until, queue depth then, the queue's claims then) while nothing but a batch that
+        # is not full could be sent (see _linger).
+        self._lingering: tuple[float, int, int] | None = None
+        # Batches ended so far: one that ends during a read changes what that read saw.
+        self._batches_ended = 0
         # Due rows read ahead for the next batches (see _from_prefetched).
         self._prefetched: list[QueuedMessage] = []
         # The queue's claims when the rows were read ahead (see Queue.claims).
@@ -258,12 +261,17 @@ class Forwarder(Outcomes):
                 self._paced = True
                 return self._next_send_at - tick
             if self._lingering is not None:
-                until, pending = self._lingering
+                until, pending, claims = self._lingering
                 # A batch is lingering: until it is due or enough has arrived to fill one,
                 # another look at the queue would find the same thing.
-                if now < until and self.store.pending_count < pending + size:
+                if (
+                    now < until
+                    and self.store.pending_count < pending + size
+                    and claims == self.store.claims
+                ):
                     return until - now
                 self._lingering = None
+            ended = self._batches_ended
             selection = self._from_prefetched(now)
             if selection is None:
                 # Room for every free slot's batch in one read: one hop instead of one each.
@@ -273,7 +281,7 @@ class Forwarder(Outcomes):
                 selection = select_batch(rows, size, self.config.linger_s, now)
             if not selection.batch:
                 if selection.wait_until is not None:
-                    self._lingering = (selection.wait_until, self.store.pending_count)
+                    self._linger(selection.wait_until, ended)
                     return max(0.0, selection.wait_until - now)
                 if destination.probed_users():
                     # Down, and only users whose probe failed have messages due: one of them
@@ -285,8 +293,7 @@ class Forwarder(Outcomes):
                     # Nothing to send but batches in flight: what the read left out is their
                     # users'. Until one ends, only a full batch of new calls can go before
                     # its calls' linger: reading at every commit would find nothing again.
-                    until = now + min(wait_s, self.config.linger_s)
-                    self._lingering = (until, self.store.pending_count)
+                    self._linger(now + min(wait_s, self.config.linger_s), ended)
                 return wait_s
             self._next_send_at = (
                 max(self._next_send_at, time.monotonic())
@@ -294,6 +301,13 @@ class Forwarder(Outcomes):
             )
             self._start(selection.batch, probe=destination.starting())
         return None
+
+    def _linger(self, until: float, ended: int) -> None:
+        """Read the queue again only at `until`, when a full batch's worth of calls arrived,
+        a batch ended or the claims changed; unless a batch ended since the read (`ended`:
+        the count before it), whose users' rows that read left out."""
+        if self._batches_ended == ended:
+            self._lingering = (until, self.store.pending_count, self.store.claims)
 
     async def _read(self, now: float, limit: int) -> list[QueuedMessage]:
         """Up to `limit` due rows, skipping what earlier reads covered (see Coverage)."""
@@ -386,6 +400,7 @@ class Forwarder(Outcomes):
         def done(t: asyncio.Task[set[str]]) -> None:
             self._tasks.discard(t)
             self._busy_users -= users
+            self._batches_ended += 1
             self._lingering = None  # its users' calls may go now
             self._slot_free.set()
             self.store.done_sending(batch)

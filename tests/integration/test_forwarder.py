@@ -263,11 +263,14 @@ async def test_calls_of_a_user_with_a_batch_in_flight_are_not_read_for_until_it_
         await fake.wait_for(lambda f: f.held >= 1)
         reads = metrics.get_sample_value("segment_relay_queue_reads_total")
         assert reads is not None
+        started = time.monotonic()
         for n in range(61, 81):  # 20 commits, fewer calls than a batch
             assert (await post(relay.url, "/v1/track", track("big", n)))[0] == 200
-        # (One read may still come: the one after the rate limit's 12.5 ms, which finds big
-        # busy, if the gate held big's batch first.)
-        assert (metrics.get_sample_value("segment_relay_queue_reads_total") or 0) <= reads + 1
+        # One read may still come (the one after the rate limit's 12.5 ms, which finds big
+        # busy, if the gate held big's batch first), and one more each linger a slow machine
+        # took over the posts.
+        allowed = reads + 1 + (time.monotonic() - started) // 3
+        assert (metrics.get_sample_value("segment_relay_queue_reads_total") or 0) <= allowed
         fake.gate.set()
         delivered = [key(c) for c in await fake.wait_for_commands(80)]
         assert delivered == [("big", n) for n in range(1, 81)]

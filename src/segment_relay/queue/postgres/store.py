@@ -86,7 +86,10 @@ class PostgresQueue(Imports, GroupCommit, Administration):
         clock: Callable[[], float],
     ) -> None:
         super().__init__(
-            max_pending=config.max_pending, pending=pending, commits_at_once=COMMITS_AT_ONCE
+            max_pending=config.max_pending,
+            pending=pending,
+            # Two connections left for the leases, the upkeep and the CLI's commands.
+            commits_at_once=max(1, min(COMMITS_AT_ONCE, config.pool_size - 2)),
         )
         # The monotonic clock the leases are trusted by (injected by tests).
         self._clock = clock
