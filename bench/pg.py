@@ -1,13 +1,16 @@
 """PostgreSQL queue benchmark (issue 17), each figure against a baseline in the same run:
 
   .venv/bin/python bench/pg.py [--seconds 10] [--rounds 1] [--messages 100000] [--only PART]
+                               [--message-ids]
 
 Needs wrk and the PostgreSQL server of SEGMENT_RELAY_TEST_POSTGRES (default: postgres on
 127.0.0.1:5432, trust auth); every part makes and drops its own database.
 
 (1) ingest: the relay on `queue.url` against a bare handler (aiohttp + asyncpg: parse, one
     INSERT ... SELECT unnest(...) per group of concurrent requests, commit, 200), single calls
-    and 100-call batches, 64 connections; each relay run between two baseline runs.
+    and 100-call batches, 64 connections; each relay run between two baseline runs. The calls
+    carry no messageId (the relay makes one, and records none for dedup) unless --message-ids
+    gives each call one of its own, as the Segment libraries do.
 (2) forward: a queue prefilled with N messages drained by the daemon against a bare loop
     (read 50 in order, map, POST, delete) on the same database.
 (3) two relays on one database against one: single calls, 64 connections in all.
@@ -80,22 +83,39 @@ def pg_config(tmp: Path, api_url: str, url: str, **kwargs: object) -> Path:
     return config
 
 
-def baseline(url: str, body: bytes, path: str, seconds: int) -> WrkResult:
+# The calls with a messageId each, as the Segment libraries send them (bench/ids.lua makes
+# every MESSAGE_ID a new id).
+SINGLE_IDS = orjson.dumps({**TRACK, "messageId": "MESSAGE_ID"})
+BATCH_IDS = orjson.dumps(
+    {
+        "batch": [{"type": "track", **TRACK, "messageId": "MESSAGE_ID"}] * 100,
+        "sentAt": "2024-03-01T12:00:01.000Z",
+    }
+)
+
+
+def baseline(url: str, body: bytes, path: str, seconds: int, script: str) -> WrkResult:
     with process(python_bin(), "bench/baselines.py", "pg", "--url", url) as server:
-        return wrk(server.url + path, body, seconds=seconds)
+        return wrk(server.url + path, body, seconds=seconds, script=script)
 
 
 def ingest(args: argparse.Namespace) -> None:
     print("(1) ingest, 64 connections; relay on queue.url vs the bare PostgreSQL handler")
+    if args.message_ids:
+        print("    every call with a messageId of its own (the relay records each for dedup)")
+    else:
+        print("    calls without messageIds (the relay makes them; no dedup rows)")
     print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} {'steal':>7}")
+    script = "ids.lua" if args.message_ids else "post.lua"
+    single, batch = (SINGLE_IDS, BATCH_IDS) if args.message_ids else (SINGLE, BATCH)
     for name, body, path, events in [
-        ("single calls", SINGLE, "/v1/track", 1),
-        ("100-call batches", BATCH, "/v1/batch", 100),
+        ("single calls", single, "/v1/track", 1),
+        ("100-call batches", batch, "/v1/batch", 100),
     ]:
         ratios = []
         with tempfile.TemporaryDirectory() as d:
             with database() as url:
-                before = baseline(url, body, path, args.seconds)
+                before = baseline(url, body, path, args.seconds, script)
             print(row(f"{name}: bare", before, events))
             for n in range(args.rounds):
                 tmp = Path(d) / f"r{n}"
@@ -103,9 +123,9 @@ def ingest(args: argparse.Namespace) -> None:
                 with database() as url, fake_api() as api:
                     config = pg_config(tmp, api.url, url)
                     with relay(config) as daemon:
-                        ours = wrk(daemon.url + path, body, seconds=args.seconds)
+                        ours = wrk(daemon.url + path, body, seconds=args.seconds, script=script)
                 with database() as url:
-                    after = baseline(url, body, path, args.seconds)
+                    after = baseline(url, body, path, args.seconds, script)
                 ratios.append(
                     ours.ok_per_s(events) / ((before.ok_per_s(events) + after.ok_per_s(events)) / 2)
                 )
@@ -273,6 +293,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--only", choices=["ingest", "forward", "two", "failover"])
+    parser.add_argument(
+        "--message-ids",
+        action="store_true",
+        help="ingest: every call with a messageId of its own (as the Segment libraries send)",
+    )
     args = parser.parse_args()
     parts = {"ingest": ingest, "forward": forward, "two": two_relays, "failover": failover}
     for name, part in parts.items():
