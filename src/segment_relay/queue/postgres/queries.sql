@@ -1,8 +1,18 @@
 -- The PostgreSQL queue's queries, loaded by name by store.py (the only module that runs them).
--- Each query starts with a line "-- name: NAME". Arrays come in as parameters and are
--- unnested, so that a group commit or a settlement is one statement per table. Messages come
--- in as two parameters (database.message_rows): $1 a JSON array of their small fields, $2
--- the text[] of their bodies, zipped back together by ROWS FROM.
+-- Each query starts with a line "-- name: NAME"; a line "-- fragment: NAME" starts text that
+-- queries take in as {NAME}. Arrays come in as parameters and are unnested, so that a group
+-- commit or a settlement is one statement per table.
+
+-- Messages come in as two parameters (database.message_rows): $1 a JSON array of their small
+-- fields, $2 the text[] of their bodies, zipped back together in order.
+-- fragment: message_rows
+ROWS FROM (
+    json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
+                                     user_key text, type text, received_at float8,
+                                     fresh bool),
+    unnest($2::text[]))
+WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
+                     ord)
 
 -- name: schema_version
 SELECT COALESCE(MAX(version), 0) FROM segment_relay_schema;
@@ -23,13 +33,7 @@ SELECT to_regclass('segment_relay_schema') IS NOT NULL;
 WITH xid AS MATERIALIZED (
     SELECT pg_current_xact_id() AS id
 ), input AS (
-    SELECT * FROM ROWS FROM (
-        json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
-                                         user_key text, type text, received_at float8,
-                                         fresh bool),
-        unnest($2::text[]))
-    WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
-                         ord)
+    SELECT * FROM {message_rows}
 ), new AS (
     INSERT INTO dedup AS d (source, message_id, received_at)
     SELECT source, message_id, received_at FROM input WHERE NOT fresh
@@ -67,13 +71,7 @@ WITH xid AS MATERIALIZED (
 )
 INSERT INTO messages (bucket, source, message_id, user_key, type, body, received_at)
 SELECT bucket, source, message_id, user_key, type, body, received_at
-FROM xid, ROWS FROM (
-    json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
-                                     user_key text, type text, received_at float8,
-                                     fresh bool),
-    unnest($2::text[]))
-WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
-                     ord)
+FROM xid, {message_rows}
 WHERE xid.id IS NOT NULL
 ORDER BY ord;
 
@@ -380,13 +378,7 @@ SELECT COUNT(*) FROM due;
 -- good), repeated in the input, or accepted live within the dedup window ($3) is left out.
 -- Returns how many were staged.
 WITH input AS (
-    SELECT * FROM ROWS FROM (
-        json_to_recordset($1::json) AS (bucket smallint, source text, message_id text,
-                                         user_key text, type text, received_at float8,
-                                         fresh bool),
-        unnest($2::text[]))
-    WITH ORDINALITY AS t(bucket, source, message_id, user_key, type, received_at, fresh, body,
-                         ord)
+    SELECT * FROM {message_rows}
 ), first AS (
     SELECT DISTINCT ON (source, message_id) * FROM input ORDER BY source, message_id, ord
 ), new AS (
