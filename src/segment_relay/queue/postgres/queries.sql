@@ -126,7 +126,7 @@ FROM horizon AS h LEFT JOIN LATERAL (
             WHERE owner = $1 AND expires_at > now() AND bucket = ANY($2::smallint[])))
       AND m.seq > $6
       AND m.next_attempt_at <= $3
-      AND NOT (m.user_key = ANY($4::text[]))
+      AND NOT (m.user_key = ANY(ARRAY(SELECT unnest($4::text[]))))
       AND NOT EXISTS (
           SELECT 1 FROM messages AS earlier
           WHERE earlier.user_key = m.user_key AND earlier.seq < m.seq
@@ -167,20 +167,22 @@ FOR KEY SHARE OF l;
 
 -- name: settle
 -- The outcome of a send, in one statement (one round trip, its own transaction): each
--- claimed message ($2..) is acked ('a', deleted), retried ('r', rescheduled) or buried ('d',
--- moved to the dead letters), but only while the lease it was claimed under is still this
--- relay's ($1): `fence` locks those leases until the statement commits, so no relay takes
--- them over meanwhile. The project's new names and the counters are added with it. All parts
+-- claimed message ($2, a JSON array of objects: PostgresQueue.settle) is acked ('a',
+-- deleted), retried ('r', rescheduled) or buried ('d', moved to the dead letters), but only
+-- while the lease it was claimed under is still this relay's ($1): `fence` locks those
+-- leases until the statement commits, so no relay takes them over meanwhile. The project's new names and the counters are added with it. All parts
 -- see the rows as they were before the statement (one snapshot): the dead letters are copied
 -- from the rows the same statement deletes. Returns how many messages were settled.
 WITH claims AS (
-    SELECT * FROM unnest($2::bigint[], $3::smallint[], $4::bigint[], $5::text[], $6::float8[],
-                         $7::text[], $8::int[], $9::text[], $10::text[], $11::int[], $12::text[])
-        WITH ORDINALITY
-        AS c(seq, bucket, lease, outcome, at, error, counts, reason, detail, status, response, ord)
+    SELECT * FROM ROWS FROM (
+        json_to_recordset($2::json) AS (seq bigint, bucket smallint, lease bigint, outcome text,
+                                        at float8, error text, counts int, reason text,
+                                        detail text, status int, response text))
+    WITH ORDINALITY
+    AS c(seq, bucket, lease, outcome, at, error, counts, reason, detail, status, response, ord)
 ), fence AS (
     SELECT l.bucket, l.epoch FROM leases AS l
-    WHERE l.owner = $1 AND l.bucket IN (SELECT bucket FROM claims)
+    WHERE l.owner = $1 AND l.bucket = ANY(ARRAY(SELECT DISTINCT bucket FROM claims))
     ORDER BY l.bucket
     FOR KEY SHARE  -- see fence
 ), mine AS (
@@ -191,7 +193,7 @@ WITH claims AS (
                               first_attempt_at, last_attempt_at)
     SELECT m.seq, m.bucket, m.source, m.message_id, m.user_key, m.type, m.body, m.received_at,
            d.reason, d.detail, d.status, d.response, m.attempts + 1,
-           COALESCE(m.first_attempt_at, $13), $13
+           COALESCE(m.first_attempt_at, $3), $3
     FROM mine AS d JOIN messages AS m ON m.seq = d.seq
     WHERE d.outcome = 'd'
     ORDER BY d.ord
@@ -201,15 +203,15 @@ WITH claims AS (
 ), moved AS (
     UPDATE messages AS m
     SET next_attempt_at = r.at, last_error = r.error, attempts = m.attempts + r.counts,
-        first_attempt_at = COALESCE(m.first_attempt_at, $13)
+        first_attempt_at = COALESCE(m.first_attempt_at, $3)
     FROM mine AS r
     WHERE m.seq = r.seq AND r.outcome = 'r'
 ), named AS (
     INSERT INTO project_names (kind, name)
-    SELECT * FROM unnest($14::text[], $15::text[]) ON CONFLICT DO NOTHING
+    SELECT * FROM unnest($4::text[], $5::text[]) ON CONFLICT DO NOTHING
 ), counted AS (
     INSERT INTO counters (name, owner, value)
-    SELECT n, $1, v FROM unnest($16::text[], $17::bigint[]) AS t(n, v)
+    SELECT n, $1, v FROM unnest($6::text[], $7::bigint[]) AS t(n, v)
     ON CONFLICT (name, owner) DO UPDATE SET value = counters.value + excluded.value
 )
 SELECT COUNT(*) FILTER (WHERE outcome IN ('a', 'd')), COUNT(*) FROM mine;

@@ -458,28 +458,29 @@ class PostgresQueue(Imports, GroupCommit, Administration):
     ) -> int:
         """Write the outcome of a send in one transaction, for the messages whose lease is
         still this relay's; return how many were not (their new owner sends them again)."""
-        # One row a claimed message, as the settle statement's columns: seq, bucket, lease,
-        # outcome, then the retry's (at, error, counts) and the dead letter's failure.
-        none = Failure("")
-        claims = [
-            *((m, "a", 0.0, None, 0, none) for m in acked),
-            *((m, "r", at, error, int(counts), none) for m, at, error, counts in retry),
-            *((m, "d", 0.0, None, 0, f) for m, f in dead),
-        ]
+        # One object a claimed message, with the settle statement's columns that it needs:
+        # seq, bucket, lease, outcome, then the retry's (at, error, counts) or the dead
+        # letter's failure. One JSON parameter, not an array per column: asyncpg encodes an
+        # array element by element (see database.message_rows).
+        claims: list[dict[str, Any]] = [
+            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "a"}
+              for m in acked),
+            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "r",
+               "at": at, "error": error, "counts": int(counts)}
+              for m, at, error, counts in retry),
+            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "d",
+               "reason": f.reason, "detail": f.detail, "status": f.response_status,
+               "response": f.response_body}
+              for m, f in dead),
+        ]  # fmt: skip
         names, counters = list(names), counters or {}
         if not (claims or names or counters):
             return 0
-        rows = [
-            (m.seq, bucket_of(m.user_key), m.lease, outcome, at, error, counts, f.reason,
-             f.detail, f.response_status, f.response_body)
-            for m, outcome, at, error, counts, f in claims
-        ]  # fmt: skip
-        columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(11)]
         async with self._db.connection(outcome=True) as conn:
             gone, settled = await conn.fetchrow(
                 Q["settle"],
                 self.instance_id,
-                *columns,
+                orjson.dumps(claims).decode(),
                 now,
                 [k for k, _ in names],
                 [n for _, n in names],
