@@ -274,8 +274,10 @@ class Forwarder(Outcomes):
             ended = self._batches_ended
             selection = self._from_prefetched(now)
             if selection is None:
-                # Room for every free slot's batch in one read: one hop instead of one each.
-                limit = size * (self.config.concurrency - len(self._tasks))
+                # A batch for every slot, free or not, in one read: what the free slots do not
+                # take is read ahead (see _from_prefetched). A backlog so costs a read per
+                # `concurrency` batches, not about one per batch (docs/queue.md, "Throughput").
+                limit = size * self.config.concurrency
                 rows = await self._expire(await self._read(now, limit), now)
                 self._prefetched = rows if len(rows) >= limit else []
                 selection = select_batch(rows, size, self.config.linger_s, now)
