@@ -79,8 +79,10 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
 
 
 def cut(body: bytes | str, limit: int = MAX_ERROR_BODY) -> str:
-    """A response body as text, cut to `limit` characters for logs and the dead-letter table."""
+    """A response body as text, cut to `limit` characters for logs and the dead-letter table
+    (a NUL or a lone surrogate in it as U+FFFD: the queue's database cannot store them)."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = jsontext.storable_text(text)
     return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
@@ -116,9 +118,9 @@ def _results(body: bytes) -> list[Any]:
 def _errors(result: dict[str, Any]) -> tuple[str, ...]:
     errors = result.get("errors")
     if isinstance(errors, list):
-        return tuple(str(e) for e in errors)
+        return tuple(jsontext.storable_text(str(e)) for e in errors)
     if errors is not None:
-        return (str(errors),)
+        return (jsontext.storable_text(str(errors)),)
     return ()
 
 

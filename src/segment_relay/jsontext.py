@@ -99,6 +99,11 @@ def stored(data: bytes) -> str:
     return EXACT_MARK + text if _has_long_number(data) else text
 
 
+def storable_text(text: str) -> str:
+    """`text` with what PostgreSQL cannot store in text (NUL, a lone surrogate) as U+FFFD."""
+    return _UNSTORABLE.sub(REPLACEMENT, text)
+
+
 def _has_long_number(data: bytes) -> bool:
     if data.translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS) < 0:
         return False

@@ -25,6 +25,18 @@ def test_legacy_results_match_commands_by_position_and_a_missing_one_is_retry() 
     assert outcomes[2].errors == ("bad",)
 
 
+def test_what_the_destination_says_keeps_no_nul() -> None:
+    # PostgreSQL cannot store NUL in text: a dead letter or retry carrying one could not be
+    # written, and its batch would be sent again, and refused so, again and again.
+    body = b'{"results": [{"status": "error", "errors": ["bad\\u0000id", 7]}]}'
+    (outcome,) = LEGACY.outcomes(200, {}, body, 1, NOW)
+    assert outcome.errors == ("bad\ufffdid", "7")
+    with pytest.raises(PermanentSendError) as info:
+        LEGACY.outcomes(400, {}, b"no \x00 here", 1, NOW)
+    assert "\x00" not in str(info.value)
+    assert info.value.body == "no \ufffd here"
+
+
 def test_v2_results() -> None:
     body = b'{"success": true, "results": [{"success": true}, {"success": false, "errors": ["x"]}]}'
     outcomes = V2.outcomes(200, {}, body, 2, NOW)
