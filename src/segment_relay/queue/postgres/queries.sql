@@ -1,7 +1,8 @@
 -- The PostgreSQL queue's queries, loaded by name by store.py (the only module that runs them).
 -- Each query starts with a line "-- name: NAME"; a line "-- fragment: NAME" starts text that
--- queries take in as {NAME}. Arrays come in as parameters and are unnested, so that a group
--- commit or a settlement is one statement per table.
+-- queries take in as {NAME}. Rows come in as parameters (arrays, or JSON arrays where asyncpg's
+-- encoding of arrays element by element costs), so that a group commit or a settlement is one
+-- statement.
 
 -- Messages come in as two parameters (database.message_rows): $1 a JSON array of their small
 -- fields, $2 the text[] of their bodies, zipped back together in order.
@@ -170,9 +171,10 @@ FOR KEY SHARE OF l;
 -- claimed message ($2, a JSON array of objects: PostgresQueue.settle) is acked ('a',
 -- deleted), retried ('r', rescheduled) or buried ('d', moved to the dead letters), but only
 -- while the lease it was claimed under is still this relay's ($1): `fence` locks those
--- leases until the statement commits, so no relay takes them over meanwhile. The project's new names and the counters are added with it. All parts
--- see the rows as they were before the statement (one snapshot): the dead letters are copied
--- from the rows the same statement deletes. Returns how many messages were settled.
+-- leases until the statement commits, so no relay takes them over meanwhile. The project's
+-- new names and the counters are added with it. All parts see the rows as they were before
+-- the statement (one snapshot): the dead letters are copied from the rows the same statement
+-- deletes. Returns how many messages were settled.
 WITH claims AS (
     SELECT * FROM ROWS FROM (
         json_to_recordset($2::json) AS (seq bigint, bucket smallint, lease bigint, outcome text,
