@@ -156,7 +156,7 @@ def _finite(digits: str) -> float:
 def _storable(value: Any) -> Any:
     """`value` with every lone surrogate and NUL in its strings (keys too) as U+FFFD."""
     if isinstance(value, str):
-        return _UNSTORABLE.sub(REPLACEMENT, value)
+        return storable_text(value)
     if isinstance(value, list):
         return [_storable(v) for v in value]
     if isinstance(value, dict):

@@ -57,6 +57,19 @@ VACUUM_CHECK_S = 5.0
 COMMITS_AT_ONCE = 4
 
 
+def _claim(message: QueuedMessage, outcome: str, **fields: Any) -> dict[str, Any]:
+    """A claimed message as an object of the settle statement's JSON array: its seq, bucket,
+    lease and outcome, with the fields of that outcome (a retry's at, error and counts; a
+    dead letter's failure)."""
+    return {
+        "seq": message.seq,
+        "bucket": bucket_of(message.user_key),
+        "lease": message.lease,
+        "outcome": outcome,
+        **fields,
+    }
+
+
 def _session_columns(states: Sequence[SessionState]) -> tuple[list[Any], ...]:
     return (
         [s.user_key for s in states],
@@ -458,19 +471,14 @@ class PostgresQueue(Imports, GroupCommit, Administration):
     ) -> int:
         """Write the outcome of a send in one transaction, for the messages whose lease is
         still this relay's; return how many were not (their new owner sends them again)."""
-        # One object a claimed message, with the settle statement's columns that it needs:
-        # seq, bucket, lease, outcome, then the retry's (at, error, counts) or the dead
-        # letter's failure. One JSON parameter, not an array per column: asyncpg encodes an
-        # array element by element (see database.message_rows).
-        claims: list[dict[str, Any]] = [
-            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "a"}
-              for m in acked),
-            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "r",
-               "at": at, "error": error, "counts": int(counts)}
+        # One JSON parameter, not an array per column: asyncpg encodes an array element by
+        # element (see database.message_rows).
+        claims = [
+            *(_claim(m, "a") for m in acked),
+            *(_claim(m, "r", at=at, error=error, counts=int(counts))
               for m, at, error, counts in retry),
-            *({"seq": m.seq, "bucket": bucket_of(m.user_key), "lease": m.lease, "outcome": "d",
-               "reason": f.reason, "detail": f.detail, "status": f.response_status,
-               "response": f.response_body}
+            *(_claim(m, "d", reason=f.reason, detail=f.detail, status=f.response_status,
+                     response=f.response_body)
               for m, f in dead),
         ]  # fmt: skip
         names, counters = list(names), counters or {}
