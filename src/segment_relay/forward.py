@@ -346,6 +346,11 @@ class Forwarder(Outcomes):
             self._coverage.forget()
         if not self._prefetched:
             return None
+        if min(r.received_at for r in self._prefetched) < now - self.config.max_age_s:
+            # Read before a long wait (a batch held by the destination, an outage): a fresh
+            # read dead-letters what passed destination.max_age meanwhile (_expire).
+            self._prefetched = []
+            return None
         destination = self.state.destination
         busy = self._busy_users | destination.held_users(now) | destination.probed_users()
         rows = [r for r in self._prefetched if r.user_key not in busy]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,32 @@ async def test_one_batch_that_fails_on_its_own_does_not_hold_the_relay(tmp_path:
             assert (stats.pending, stats.in_backoff) == (2, 2)
             assert [r.attempts for r in await store.due(clock.now + 3600, (), 10)] == [1, 1]
     assert sorted(n for _, n in delivered(fake)) == list(range(2, 8))
+
+
+async def test_max_age_holds_for_calls_read_ahead_while_a_batch_was_in_flight(
+    tmp_path: Path,
+) -> None:
+    """A user's calls read ahead wait for the batch in flight before them; when that batch
+    takes past destination.max_age (the clock jumps while the destination holds it), they
+    are dead-lettered as expired, as a fresh read would have them, not sent."""
+    clock = Clock(T0)
+    fake = FakeInfinario()
+    fake.gate = asyncio.Event()
+    async with running_fake(fake) as (_, api):
+        config = make_config(
+            tmp_path / "q.db",
+            api.url,
+            destination={"max_age": "1h", "batch_size": 2, "concurrency": 2, "linger": "0s"},
+        )
+        async with running_relay(config, clock=clock) as relay:
+            # One read takes a1-a4; a1, a2 go, a3, a4 wait for them; b1, b2 go in the other lane.
+            calls = [track(n, "a") for n in range(1, 5)] + [track(n, "b") for n in (5, 6)]
+            assert (await post(relay.url, "/v1/batch", {"batch": calls}))[0] == 200
+            await fake.wait_for(lambda f: f.held >= 2)
+            clock.now = T0 + 2 * 3600
+            fake.gate.set()
+            forwarder, store = relay.app[FORWARDER], relay.app[STORE]
+            await forwarder.drain(until_empty=False)
+            stats = await store.stats(clock.now)
+            assert (stats.pending, stats.dead_letters) == (0, {"expired": 2})
+    assert sorted(delivered(fake)) == [("a", 1), ("a", 2), ("b", 5), ("b", 6)]
