@@ -230,7 +230,7 @@ async def test_max_age_holds_for_calls_read_ahead_while_a_batch_was_in_flight(
             destination={"max_age": "1h", "batch_size": 2, "concurrency": 2, "linger": "0s"},
         )
         async with running_relay(config, clock=clock) as relay:
-            # One read takes a1-a4; a1, a2 go, a3, a4 wait for them; b1, b2 go in the other lane.
+            # One read takes a1-a4; a1, a2 go, a3, a4 wait for them; b5, b6 go in the other lane.
             calls = [track(n, "a") for n in range(1, 5)] + [track(n, "b") for n in (5, 6)]
             assert (await post(relay.url, "/v1/batch", {"batch": calls}))[0] == 200
             await fake.wait_for(lambda f: f.held >= 2)
