@@ -346,7 +346,7 @@ class Forwarder(Outcomes):
             self._coverage.forget()
         if not self._prefetched:
             return None
-        if min(r.received_at for r in self._prefetched) < now - self.config.max_age_s:
+        if min(r.received_at for r in self._prefetched) < self._expired_before(now):
             # Read before a long wait (a batch held by the destination, an outage): a fresh
             # read dead-letters what passed destination.max_age meanwhile (_expire).
             self._prefetched = []
@@ -378,8 +378,12 @@ class Forwarder(Outcomes):
             self._next_retry is not None and self._next_retry <= now
         )
 
+    def _expired_before(self, now: float) -> float:
+        """A row received before this is past destination.max_age at `now`."""
+        return now - self.config.max_age_s
+
     async def _expire(self, rows: list[QueuedMessage], now: float) -> list[QueuedMessage]:
-        cutoff = now - self.config.max_age_s
+        cutoff = self._expired_before(now)
         old = [r for r in rows if r.received_at < cutoff]
         if not old:
             return rows
