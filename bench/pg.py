@@ -1,7 +1,7 @@
 """PostgreSQL queue benchmark (issue 17), each figure against a baseline in the same run:
 
   .venv/bin/python bench/pg.py [--seconds 10] [--rounds 1] [--messages 100000] [--only PART]
-                               [--message-ids]
+                               [--message-ids] [--receive-only]
 
 Needs wrk and the PostgreSQL server of SEGMENT_RELAY_TEST_POSTGRES (default: postgres on
 127.0.0.1:5432, trust auth); every part makes and drops its own database.
@@ -75,11 +75,15 @@ def database() -> Iterator[str]:
         asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def pg_config(tmp: Path, api_url: str, url: str, **kwargs: object) -> Path:
-    """The benchmark's relay config (common.relay_config) on the PostgreSQL queue at `url`."""
+def pg_config(tmp: Path, api_url: str, url: str, *, forward: bool = True, **kwargs: object) -> Path:
+    """The benchmark's relay config (common.relay_config) on the PostgreSQL queue at `url`;
+    `forward=False` makes it a receive-only relay (queue.forward), written to its own file."""
     config = relay_config(tmp, api_url, **kwargs)  # type: ignore[arg-type]
     data = yaml.safe_load(config.read_text())
-    data["queue"] = {"url": url}  # instead of relay_config's SQLite path and synchronous
+    # Instead of relay_config's SQLite path and synchronous:
+    data["queue"] = {"url": url, "forward": forward}
+    if not forward:
+        config = config.with_name("receive-only.yaml")
     config.write_text(yaml.safe_dump(data))
     return config
 
@@ -106,6 +110,8 @@ def ingest(args: argparse.Namespace) -> None:
         print("    every call with a messageId of its own (the relay records each for dedup)")
     else:
         print("    calls without messageIds (the relay makes them; no dedup rows)")
+    if args.receive_only:
+        print("    the relay measured is receive-only; a second relay forwards what it stores")
     print(f"{'':<34} {'acked ev/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} {'steal':>7}")
     script = "ids.lua" if args.message_ids else "post.lua"
     single, batch = (SINGLE_IDS, BATCH_IDS) if args.message_ids else (SINGLE, BATCH)
@@ -123,7 +129,13 @@ def ingest(args: argparse.Namespace) -> None:
                 tmp.mkdir()
                 with database() as url, fake_api() as api:
                     config = pg_config(tmp, api.url, url)
-                    with relay(config) as daemon:
+                    with contextlib.ExitStack() as relays:
+                        if args.receive_only:
+                            # A relay that forwards what the measured one stores, on the other
+                            # core; no calls are sent to it.
+                            relays.enter_context(relay(config))
+                            config = pg_config(tmp, api.url, url, forward=False)
+                        daemon = relays.enter_context(relay(config))
                         ours = wrk(daemon.url + path, body, seconds=args.seconds, script=script)
                 with database() as url:
                     after = baseline(url, body, path, args.seconds, script)
@@ -298,6 +310,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--only", choices=["ingest", "forward", "two", "failover"])
+    parser.add_argument(
+        "--receive-only",
+        action="store_true",
+        help="ingest: measure a receive-only relay (queue.forward: false) while a second "
+        "relay on the same database forwards",
+    )
     parser.add_argument(
         "--message-ids",
         action="store_true",

@@ -225,8 +225,12 @@ def _summary(config: Config, queue: str) -> str:
         f"listening on {config.server.host}:{config.server.port}"
         f"{' (HTTPS)' if config.server.tls_cert else ''}, "
         f"queue {queue}, "
-        f"destination {d.api} {d.base_url}, "
-        f"sessions {'on' if config.sessions.enabled else 'off'}"
+        + (
+            f"destination {d.api} {d.base_url}, "
+            if config.queue.forward
+            else "receive only (other relays forward), "
+        )
+        + f"sessions {'on' if config.sessions.enabled else 'off'}"
     )
 
 

@@ -274,6 +274,9 @@ class QueueConfig:
     # PostgreSQL: how long a relay's hold on its users' buckets lasts unrenewed.
     lease_s: float = _opt(_duration(3, 600), 15.0, "lease")
     pool_size: int = _opt(_int(2, 100), 8)
+    # PostgreSQL: False makes a receive-only relay, which stores calls and leaves forwarding
+    # (and ending sessions) to the relays on the same database that forward.
+    forward: bool = _opt(_bool, True)
 
 
 def _queue(value: Any, key: str) -> QueueConfig:
@@ -282,7 +285,14 @@ def _queue(value: Any, key: str) -> QueueConfig:
             f"{key}.path and {key}.url: set one of them, not both (path: a SQLite file on "
             "this VM; url: a PostgreSQL database that several relays share)"
         )
-    return build(QueueConfig, value, key)
+    queue = build(QueueConfig, value, key)
+    if not queue.forward and not queue.url:
+        raise ConfigError(
+            f"{key}.forward: false needs {key}.url: a receive-only relay leaves forwarding to "
+            "other relays on the same PostgreSQL database, and no other relay reads this "
+            "one's SQLite file"
+        )
+    return queue
 
 
 @dataclass(frozen=True)
@@ -431,7 +441,8 @@ class Config:
                     "own (the example config reads SEGMENT_WRITE_KEY), or try the relay with "
                     "serve --dry-run or segment-relay dev"
                 )
-        self.check_destination()
+        if self.queue.forward:
+            self.check_destination()
 
     def well_known_keys(self) -> list[str]:
         """The sources (as config keys) whose write key is a well-known development key."""

@@ -228,6 +228,8 @@ class Instance:
     seen_at: float
     # The buckets of users whose messages it forwards (docs/queue.md, "Several relays").
     buckets: list[int]
+    # False: a receive-only relay (queue.forward: false), which holds no buckets.
+    forwards: bool = True
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ async def serve(
     applies what `reload_config` returns (the config file read again), when given.
     """
     certificate = tls.certificate(config.server)  # a bad pair stops here, before anything
-    app = create_app(config, dry_run=dry_run)
+    app = create_app(config, dry_run=dry_run, forward=config.queue.forward)
     if certificate is not None:
         app[CERTIFICATE] = certificate
     stop = _handle_signals(app, reload_config)
@@ -372,7 +372,7 @@ async def _cleanup(runner: web.AppRunner, admin: web.AppRunner | None) -> None:
 
 def apart(config: Config, workdir: Path) -> Config:
     """`config` with a queue of its own in `workdir`: a dry run's or `dev`'s."""
-    queue = replace(config.queue, url="", path=str(workdir / "queue.db"))
+    queue = replace(config.queue, url="", path=str(workdir / "queue.db"), forward=True)
     return replace(config, queue=queue)
 
 

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     "up_s": round(now - i.started_at, 1),
                     "seen_s_ago": round(now - i.seen_at, 1),
                     "buckets": i.buckets,
+                    "forwards": i.forwards,
                 }
                 for i in instances
             ],
@@ -90,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
         if config.queue.url:
             print(f"  relays:             {len(report['instances'])}")
             for i in report["instances"]:
-                print(
-                    f"    {i['id']} (pid {i['pid']} on {i['host']}, up {i['up_s']:.0f}s): "
+                held = (
                     f"{len(i['buckets'])} buckets {_ranges(i['buckets'])}"
+                    if i["forwards"]
+                    else "receive only"
                 )
+                print(f"    {i['id']} (pid {i['pid']} on {i['host']}, up {i['up_s']:.0f}s): {held}")
+            if report["instances"] and not any(i["forwards"] for i in report["instances"]):
+                print("  no live relay forwards (each has queue.forward: false): calls wait")
     return 0
 
 

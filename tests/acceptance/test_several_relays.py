@@ -283,3 +283,48 @@ def refused(fake: FakeInfinario) -> set[str]:
         for command, result in zip(request.commands, request.results, strict=False)
         if result.get("success") is False
     }
+
+
+async def test_calls_to_a_receive_only_relay_wait_for_a_relay_that_forwards(
+    tmp_path: Path, database: str
+) -> None:
+    users = [f"ro-user{i}" for i in range(6)]
+    async with running_fake(FakeInfinario(api_key="KEY")) as (fake, api):
+        # The receive-only relay needs no destination credentials.
+        receiver = relay_config(tmp_path, "receiver", database, api, queue={"forward": False})
+        forwarder = relay_config(tmp_path, "forwarder", database, api)
+        code, out, err = await run_cli("check-config", "--config", str(receiver))
+        assert code == 0, err
+        assert "receive only (other relays forward)" in out
+        acked: dict[str, list[str]] = {u: [] for u in users}
+        async with relays(receiver) as [r], aiohttp.ClientSession() as session:
+            for n in range(10):
+                for user in users:
+                    # A page now and then opens the user's session.
+                    path, message = call(user, n, "page" if n % 4 == 0 else "track")
+                    await send_until_acked(session, [r], path, message)
+                    acked[user].append(message["messageId"])
+            code, out, err = await run_cli("status", "--config", str(receiver))
+            assert code == 0, err
+            # Alone, it forwards nothing: every call and each user's session_start wait.
+            assert "pending messages:   66" in out
+            assert "receive only" in out
+            assert "no live relay forwards" in out
+            async with relays(forwarder):
+                every_call = {m for ms in acked.values() for m in ms}
+                await fake.wait_for(
+                    lambda f: every_call <= {c["command_id"] for c in f.accepted}, timeout_s=60
+                )
+                # The forwarding relay ends the sessions the receive-only one started.
+                await fake.wait_for(
+                    lambda f: sessions_closed(first_deliveries(f), users), timeout_s=60
+                )
+                code, out, err = await run_cli("status", "--json", "--config", str(receiver))
+                assert code == 0, err
+    status = orjson.loads(out)
+    held = {i["forwards"]: len(i["buckets"]) for i in status["instances"]}
+    assert held == {False: 0, True: 64}
+    delivered = first_deliveries(fake)
+    for user in users:
+        calls = [c["command_id"] for c in delivered if c["command_id"] in set(acked[user])]
+        assert calls == acked[user], f"{user}'s calls left out of order"

@@ -133,6 +133,16 @@ def test_forwarding_needs_a_token_but_dry_run_does_not() -> None:
         v2.check_destination()
 
 
+def test_a_receive_only_relay_needs_no_destination_credentials() -> None:
+    config = parse_config(MINIMAL + "queue: {url: 'postgresql://db/relay', forward: false}\n", {})
+    config.check_serving(dry_run=False)  # no project_token, and no error
+    assert not config.queue.forward
+    with pytest.raises(ConfigError, match=r"^destination\.project_token: required"):
+        parse_config(MINIMAL + "queue: {url: 'postgresql://db/relay'}\n", {}).check_serving(
+            dry_run=False
+        )
+
+
 def test_queue_url_takes_the_password_from_the_environment() -> None:
     text = MINIMAL + "queue: {url: 'postgresql://relay:${DB_PASSWORD}@db:5432/relay', lease: 20s}\n"
     config = parse_config(text, environ={"DB_PASSWORD": "pw"})
@@ -153,6 +163,8 @@ def test_queue_url_takes_the_password_from_the_environment() -> None:
             "{url: 'postgresql://db/relay', lease: 10s}",
             "queue.lease: must be longer than destination.timeout (10s <= 10s)",
         ),
+        ("{forward: false}", "queue.forward: false needs queue.url"),
+        ("{url: 'postgresql://db/relay', forward: maybe}", "queue.forward: must be true or"),
     ],
 )
 def test_queue_errors_name_the_key_and_never_the_password(queue: str, message: str) -> None:

@@ -32,7 +32,7 @@ class Administration:
     async def instances(self) -> list[Instance]:
         async with self._db.connection() as conn:
             rows = await conn.fetch(Q["instances"])
-        return [Instance(r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in rows]
+        return [Instance(r[0], r[1], r[2], r[3], r[4], list(r[5]), r[6]) for r in rows]
 
     async def dead_letters(
         self, limit: int = 100, reason: str | None = None, after: int = 0

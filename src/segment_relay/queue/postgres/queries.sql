@@ -352,7 +352,8 @@ WHERE bucket IN (
 SELECT i.id, i.host, i.pid, extract(epoch FROM i.started_at)::float8,
        extract(epoch FROM i.seen_at)::float8,
        COALESCE(array_agg(l.bucket ORDER BY l.bucket)
-                FILTER (WHERE l.bucket IS NOT NULL), '{}')
+                FILTER (WHERE l.bucket IS NOT NULL), '{}'),
+       i.forwarding
 FROM instances AS i
 LEFT JOIN leases AS l ON l.owner = i.id AND l.expires_at > now()
 WHERE i.expires_at > now()
