@@ -101,6 +101,15 @@ async def send_until_acked(
     raise AssertionError(f"no relay took {message['messageId']}")
 
 
+async def post(
+    session: aiohttp.ClientSession, daemon: Daemon, path: str, message: dict[str, Any]
+) -> int:
+    async with session.post(
+        daemon.url + path, data=orjson.dumps(message), headers=AUTH
+    ) as response:
+        return response.status
+
+
 def first_deliveries(fake: FakeInfinario) -> list[dict[str, Any]]:
     """The commands the fake took, each messageId once (delivery is at least once)."""
     seen: set[str] = set()
@@ -291,7 +300,10 @@ async def test_calls_to_a_receive_only_relay_wait_for_a_relay_that_forwards(
     users = [f"ro-user{i}" for i in range(6)]
     async with running_fake(FakeInfinario(api_key="KEY")) as (fake, api):
         # The receive-only relay needs no destination credentials.
-        receiver = relay_config(tmp_path, "receiver", database, api, queue={"forward": False})
+        # It takes 66 messages at most: the 60 calls below and their users' session_starts.
+        receiver = relay_config(
+            tmp_path, "receiver", database, api, queue={"forward": False, "max_pending": 66}
+        )
         forwarder = relay_config(tmp_path, "forwarder", database, api)
         code, out, err = await run_cli("check-config", "--config", str(receiver))
         assert code == 0, err
@@ -310,10 +322,24 @@ async def test_calls_to_a_receive_only_relay_wait_for_a_relay_that_forwards(
             assert "pending messages:   66" in out
             assert "receive only" in out
             assert "no live relay forwards" in out
+            path, late = call(users[0], 10, "track")
+            assert await post(session, r, path, late) == 503  # queue.max_pending
             async with relays(forwarder):
                 every_call = {m for ms in acked.values() for m in ms}
                 await fake.wait_for(
                     lambda f: every_call <= {c["command_id"] for c in f.accepted}, timeout_s=60
+                )
+                # The receiver counts the queue again (every 5 s) and takes calls once more.
+                for _ in range(300):  # bounded: 60 s
+                    if await post(session, r, path, late) == 200:
+                        break
+                    await asyncio.sleep(0.2)  # a client's back-off after a 503
+                else:
+                    raise AssertionError("the receive-only relay stayed full")
+                acked[users[0]].append(late["messageId"])
+                await fake.wait_for(
+                    lambda f: late["messageId"] in {c["command_id"] for c in f.accepted},
+                    timeout_s=60,
                 )
                 # The forwarding relay ends the sessions the receive-only one started.
                 await fake.wait_for(

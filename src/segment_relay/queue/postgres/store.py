@@ -158,8 +158,8 @@ class PostgresQueue(Imports, GroupCommit, Administration):
                 await db.close(config.lease_s)
                 raise
             queue._keeper = asyncio.create_task(queue._keep_leases(), name="queue-leases")
-            if forwarding:
-                queue._janitor = asyncio.create_task(queue._upkeep(), name="queue-upkeep")
+            # Also on a receive-only relay: the others remove what it adds.
+            queue._janitor = asyncio.create_task(queue._upkeep(), name="queue-upkeep")
         queue._start_committer()
         return queue
 
