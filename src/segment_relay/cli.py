@@ -218,7 +218,7 @@ def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> i
     return code
 
 
-def _summary(config: Config, queue: str) -> str:
+def _summary(config: Config, queue: str, *, dry_run: bool) -> str:
     d = config.destination
     return (
         f"config OK: {len(config.sources)} source(s), "
@@ -227,7 +227,7 @@ def _summary(config: Config, queue: str) -> str:
         f"queue {queue}, "
         + (
             f"destination {d.api} {d.base_url}, "
-            if config.queue.forward
+            if config.queue.forward or dry_run
             else "receive only (other relays forward), "
         )
         + f"sessions {'on' if config.sessions.enabled else 'off'}"
@@ -361,7 +361,7 @@ def _check_config(args: argparse.Namespace) -> int:
     queue = asyncio.run(inspect_queue(config.queue))
     if args.dry_run:
         queue += " (serve --dry-run uses a throwaway queue instead)"
-    print(_summary(config, queue))
+    print(_summary(config, queue, dry_run=args.dry_run))
     return 0
 
 

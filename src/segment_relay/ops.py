@@ -160,9 +160,11 @@ def reload(app: web.Application, load: Callable[[], Config]) -> list[str]:
         app[CERTIFICATE].reload()
     try:
         loaded = load()
-        loaded.check_serving(dry_run=FORWARDER not in app or not app[FORWARDER].sends)
-        # What runs of the sections that need a restart stays (checked again together).
+        # What runs of the sections that need a restart stays (checked again together), so
+        # the checks see the running queue.forward: a receive-only relay has no forwarder but
+        # takes calls all the same.
         new = replace(loaded, **{name: getattr(old, name) for name in FIXED})
+        new.check_serving(dry_run=FORWARDER in app and not app[FORWARDER].sends)
     except ConfigError as exc:
         log.error(  # noqa: TRY400 - the message names the bad key; no traceback needed
             "reload refused, the running config stays: %s", exc, extra={"action": "reload_failed"}

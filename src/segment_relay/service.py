@@ -75,9 +75,10 @@ def create_app(
 ) -> web.Application:
     """The relay as an aiohttp app: Segment API, operator endpoints, store and forwarder.
 
-    `forward=False` builds a receiver only (the forwarder is not started), for tests that
-    inspect the queue; `session_timer=False` leaves idle sessions to `SessionTimer.tick()`
-    called by a test that drives the clock; `environ` is where systemd's NOTIFY_SOCKET and
+    `forward=False` builds a receiver only (the forwarder is not started): a receive-only
+    relay (`queue.forward: false`), and tests that inspect the queue; `session_timer=False`
+    leaves idle sessions to `SessionTimer.tick()` called by a test that drives the clock;
+    `environ` is where systemd's NOTIFY_SOCKET and
     WATCHDOG_USEC are read (the process environment by default).
     """
     if not dry_run and forward:

@@ -70,8 +70,9 @@ class GroupCommit(ABC):
 
     @property
     def pending_count(self) -> int:
-        """Messages in the queue, as counted by this process."""
-        return self._pending_count
+        """Messages in the queue, as counted by this process (never below 0: on PostgreSQL a
+        relay that only forwards removes what others added since the count was read)."""
+        return max(self._pending_count, 0)
 
     @property
     def unavailable(self) -> str | None:
