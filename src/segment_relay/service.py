@@ -78,8 +78,8 @@ def create_app(
     `forward=False` builds a receiver only (the forwarder is not started): a receive-only
     relay (`queue.forward: false`), and tests that inspect the queue; `session_timer=False`
     leaves idle sessions to `SessionTimer.tick()` called by a test that drives the clock;
-    `environ` is where systemd's NOTIFY_SOCKET and
-    WATCHDOG_USEC are read (the process environment by default).
+    `environ` is where systemd's NOTIFY_SOCKET and WATCHDOG_USEC are read (the process
+    environment by default).
     """
     if not dry_run and forward:
         config.check_destination()
