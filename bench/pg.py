@@ -77,13 +77,14 @@ def database() -> Iterator[str]:
 
 def pg_config(tmp: Path, api_url: str, url: str, *, forward: bool = True, **kwargs: object) -> Path:
     """The benchmark's relay config (common.relay_config) on the PostgreSQL queue at `url`;
-    `forward=False` makes it a receive-only relay (queue.forward), written to its own file."""
+    `forward=False` makes it a receive-only relay (queue.forward), in a directory of its own."""
+    if not forward:
+        tmp = tmp / "receive-only"
+        tmp.mkdir(exist_ok=True)
     config = relay_config(tmp, api_url, **kwargs)  # type: ignore[arg-type]
     data = yaml.safe_load(config.read_text())
     # Instead of relay_config's SQLite path and synchronous:
     data["queue"] = {"url": url, "forward": forward}
-    if not forward:
-        config = config.with_name("receive-only.yaml")
     config.write_text(yaml.safe_dump(data))
     return config
 
