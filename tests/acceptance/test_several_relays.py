@@ -93,11 +93,8 @@ async def send_until_acked(
             if daemon.process.returncode is not None:
                 continue
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(
-                    daemon.url + path, data=orjson.dumps(message), headers=AUTH
-                ) as response:
-                    if response.status == 200:
-                        return
+                if await post(session, daemon, path, message) == 200:
+                    return
         await asyncio.sleep(0.05)  # all refused or gone for now: a client's back-off
     raise AssertionError(f"no relay took {message['messageId']}")
 
